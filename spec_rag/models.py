@@ -423,6 +423,12 @@ def _not_found(name: str) -> ModelNotFoundError:
     )
 
 
+def _has_pickle_weights(source: str) -> bool:
+    """Whether a local checkpoint directory holds ``.bin`` weights (hub ids: assumed so)."""
+    path = Path(source)
+    return not path.is_dir() or any(path.glob("*.bin"))
+
+
 def _cached_hub_snapshot(repo_id: str) -> Path | None:
     """The local hub-cache snapshot of ``repo_id``, found on disk alone.
 
@@ -517,9 +523,15 @@ def load_model(
                 raise _not_found(location)
             source = str(snapshot)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, **common)
+            model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **common)
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except OSError as error:
+            if "safetensors" in str(error) and _has_pickle_weights(source):
+                raise ModelNotFoundError(
+                    f"{location!r} has only pickled weights (.bin), which can run code when loaded; "
+                    "spec-rag loads safetensors only. Convert them once where you trust the files "
+                    "(model.save_pretrained(dir), which writes safetensors) and pass that directory."
+                ) from error
             raise _not_found(location) from error
 
     model.to(torch.device(device) if device is not None else torch.device("cpu"))  # type: ignore[arg-type]

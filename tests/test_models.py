@@ -304,6 +304,36 @@ def test_offline_hub_id_loads_from_the_local_hub_cache_without_the_network(
     assert model.config.hidden_size == 64 and model.spec_rag_name == "someone/tiny"
 
 
+def test_pickled_weights_are_refused_with_the_safetensors_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, socket_disabled: None
+) -> None:
+    model, tokenizer = load_model(tiny_model_dir, dtype="float32")
+    snapshot = tmp_path / "hub" / "models--someone--pickled" / "snapshots" / "abc123"
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    for file in snapshot.glob("*.safetensors"):  # the same weights, pickled
+        file.unlink()
+    torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
+    assert list(snapshot.glob("*.bin")) and not list(snapshot.glob("*.safetensors"))
+    (tmp_path / "hub" / "models--someone--pickled" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--pickled" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="safetensors only"):
+        load_model("someone/pickled")
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_model(snapshot)  # the same files as a local directory
+
+
+def test_unit_tests_run_with_network_sockets_disabled() -> None:
+    import socket
+
+    from pytest_socket import SocketBlockedError
+
+    with pytest.raises(SocketBlockedError):
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
 # --- the shared cache ---------------------------------------------------------------------------
 
 

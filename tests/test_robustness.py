@@ -19,21 +19,12 @@ from spec_rag import (
     SpecPC,
     SpecPCConfig,
 )
+from spec_rag.testing import NASTY_TEXTS
 
 PC = SpecPCConfig(max_capacity_prompt=64, window_size=8, kernel_size=4, neighbor_tokens=4)
 KV = SpecKVConfig(max_capacity_prompt=32, window_size=8)
-NASTY = [
-    "",
-    "   \n\t ",
-    "emoji 🤖🔥 and flags 🇩🇪",
-    "עברית ومرحبا mixed RTL",
-    "e\u0301\u0302\u0303 combining marks",
-    "NUL\x00byte and \x07 bell",
-    "\ufeff BOM and zero\u200bwidth",
-    "x" * 3000,
-]
 
-any_text = st.one_of(st.sampled_from(NASTY), st.text(max_size=200))
+any_text = st.one_of(st.sampled_from(NASTY_TEXTS), st.text(max_size=200))
 settings_ = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

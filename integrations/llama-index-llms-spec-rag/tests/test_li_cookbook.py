@@ -14,6 +14,7 @@ NOTEBOOK = Path(__file__).resolve().parents[3] / "cookbooks" / "llamaindex_query
 pytestmark = [pytest.mark.real_model, skip_without_real_models]
 
 
+@pytest.mark.enable_socket  # the notebook's kernel talks to this process over loopback
 def test_llamaindex_cookbook_runs_and_prints_what_compression_saved(monkeypatch):
     if not NOTEBOOK.exists():
         pytest.skip(f"{NOTEBOOK} is not here (package installed outside the spec-rag repository)")

@@ -292,15 +292,23 @@ def test_models_load_lazily_once_across_threads_and_full_skips_the_draft(monkeyp
     assert calls == ["the-target"]
 
 
-def test_four_threads_get_the_same_greedy_answer_as_one(llm):
-    alone = llm.complete(PROMPT).text
-    answers: list[str] = []
-    threads = [threading.Thread(target=lambda: answers.append(llm.complete(PROMPT).text)) for _ in range(4)]
+def test_eight_threads_with_different_prompts_each_get_the_answer_they_get_alone(llm):
+    prompts = [corpus_text(9000)[i * 1000 : i * 1000 + 300 + 40 * i] for i in range(8)]
+    alone = [llm.complete(p).text for p in prompts]
+    together: dict[int, str] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def ask(i: int) -> None:
+        barrier.wait()
+        together[i] = llm.complete(prompts[i]).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert answers == [alone] * 4
+    assert [together[i] for i in range(len(prompts))] == alone
+    assert len(set(alone)) > 1, "different prompts should give different answers, or the test proves nothing"
 
 
 def test_is_a_custom_llm_with_a_class_name_and_serialisable_config():

@@ -22,6 +22,7 @@ def _text_outputs(cell: nbformat.NotebookNode) -> str:
     )
 
 
+@pytest.mark.enable_socket  # the notebook's kernel talks to this process over loopback
 def test_cookbook_runs_and_shows_the_compression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A "python3" kernel spec for this very interpreter, found first on JUPYTER_PATH: a user-level
     # spec pointing at another Python cannot hijack the run.

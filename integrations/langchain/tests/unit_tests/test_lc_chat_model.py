@@ -284,8 +284,17 @@ async def test_leaving_astream_early_stops_generation(chat: ChatSpecKV) -> None:
 # -- sharing ----------------------------------------------------------------------------------
 
 
-def test_four_threads_on_one_instance_get_the_answer_each_would_alone(chat: ChatSpecKV) -> None:
-    prompts = [PROMPT, LONG_PROMPT, "What is a decorator?", "Name a loop statement."]
+def test_eight_threads_on_one_instance_get_the_answer_each_would_alone(chat: ChatSpecKV) -> None:
+    prompts = [
+        PROMPT,
+        LONG_PROMPT,
+        "What is a decorator?",
+        "Name a loop statement.",
+        LONG_PROMPT.replace("class", "function"),
+        "Why use a context manager?",
+        "What does yield return?",
+        LONG_PROMPT[:300],
+    ]
     alone = [ChatSpecKV(**_same_models(chat)).invoke(p).content for p in prompts]
     together: dict[int, Any] = {}
     barrier = threading.Barrier(len(prompts))
