@@ -4,7 +4,7 @@ SnapKV or StreamingLLM, with the same statistics for each so they compare fairly
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, overload
 
@@ -78,9 +78,11 @@ class GenerationStream:
     work: generation runs in the consumer's thread, so nothing is left running.
     """
 
-    def __init__(self, engine: SpecEngine, prompt: Prompt, params: SamplingParams) -> None:
+    def __init__(
+        self, engine: SpecEngine, prompt: Prompt, params: SamplingParams, prefill: Prefill | None = None
+    ) -> None:
         self.generation: Generation | None = None
-        self._iterator = engine._run(prompt, params, self)
+        self._iterator = engine._run(prompt, params, self, prefill)
 
     def __iter__(self) -> GenerationStream:
         return self
@@ -93,6 +95,10 @@ class GenerationStream:
 
 
 _NEEDS_DRAFT = (SpecPCConfig, SpecKVConfig, SpecKVPCConfig)
+
+#: A prefill step: fills in its part of the stats and returns the target's cache (compressed as
+#: the method says), the last prompt logits and the RoPE position of the next token.
+Prefill = Callable[[GenerationStats], tuple[Any, torch.Tensor, int]]
 
 
 class SpecEngine:
@@ -234,8 +240,10 @@ class SpecEngine:
         check_prompt(prompt)
         return GenerationStream(self, prompt, params)
 
-    def _complete(self, prompt: Prompt, params: SamplingParams) -> Generation:
-        stream = GenerationStream(self, prompt, params)
+    def _complete(self, prompt: Prompt, params: SamplingParams, prefill: Prefill | None = None) -> Generation:
+        """Answer ``prompt``; ``prefill`` replaces the method's own prefill (the evaluation harness
+        uses it to serve several methods and budgets from one target prefill)."""
+        stream = GenerationStream(self, prompt, params, prefill)
         for _ in stream:
             pass
         assert stream.generation is not None
@@ -243,7 +251,7 @@ class SpecEngine:
 
     # -- the pipeline ----------------------------------------------------------------------
     def _run(
-        self, prompt: Prompt, params: SamplingParams, sink: GenerationStream
+        self, prompt: Prompt, params: SamplingParams, sink: GenerationStream, prefill: Prefill | None = None
     ) -> Generator[str, None, None]:
         start = time.perf_counter()
         stats = GenerationStats(method=self.method)
@@ -252,7 +260,10 @@ class SpecEngine:
             stats.total_s = time.perf_counter() - start
             sink.generation = Generation(text="", finish_reason="length", stats=stats)
             return
-        cache, logits, next_position = self._prefill(prompt, params, stats)
+        if prefill is None:
+            cache, logits, next_position = self._prefill(prompt, params, stats)
+        else:
+            cache, logits, next_position = prefill(stats)
         decode_start = time.perf_counter()
         result = DecodeResult()
         text = TextStream(self.tokenizer, params.stop)

@@ -174,16 +174,64 @@ def test_specpc_shares_one_draft_pass_across_budgets(tiny_harness, bpe, monkeypa
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("task", ["niah_single_2", "vt"])
+def test_one_shared_prefill_keeps_and_answers_what_each_method_alone_would(task, bpe, monkeypatch):
+    import spec_rag.bench.methods as methods_module
+    import spec_rag.engine as engine_module
+
+    target = tiny_model("qwen2", bpe, seed=1, layers=2)
+    draft = tiny_model("qwen2", bpe, seed=2, layers=2)
+    kept: dict[str, list[torch.Tensor]] = {"alone": [], "shared": []}
+    for module, name in ((engine_module, "alone"), (methods_module, "shared")):
+        original = module.keep_cache_positions
+        monkeypatch.setattr(
+            module,
+            "keep_cache_positions",
+            lambda cache, positions, _o=original, _n=name: (
+                kept[_n].append(positions.clone()) or _o(cache, positions)
+            ),
+        )
+    prefills: list[int] = []  # target forwards over more than one token: prefills and continuations
+    target.register_forward_pre_hook(
+        lambda m, args, kwargs: (
+            prefills.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None
+        ),
+        with_kwargs=True,
+    )
+    sample = generate_sample(task, 700, 0, 0, bpe)
+    runs = [("full", None)] + [(m, b) for m in ("speckv", "snapkv", "streamingllm") for b in (64, 128, 256)]
+    outcomes = {}
+    for share in (False, True):
+        harness = Harness(target, bpe, draft, bpe, max_new_tokens=6, share_prefill=share)
+        ctx = harness.context(sample)
+        prefills.clear()
+        outcomes[share] = [harness.run(ctx, m, b) for m, b in runs]
+        count = len(prefills)
+        if share:
+            # the prompt once, the lookahead once (on a scratch copy), for all ten answers
+            assert count == 2 and prefills[1] == outcomes[True][1].stats["lookahead_tokens"]
+        else:
+            assert count == len(runs)
+    assert len(kept["alone"]) == len(kept["shared"]) == 9
+    for alone, shared in zip(kept["alone"], kept["shared"], strict=True):
+        assert torch.equal(alone, shared)
+    for (method, budget), alone, shared in zip(runs, outcomes[False], outcomes[True], strict=True):
+        assert shared.answer == alone.answer, (method, budget)
+        for field in ("kv_cache_tokens", "output_tokens", "lookahead_tokens", "prompt_tokens"):
+            assert shared.stats[field] == alone.stats[field], (method, budget, field)
+        assert shared.stats["shared_prefill"] and shared.stats["total_s"] > 0
+
+
 # -- runner and report ---------------------------------------------------------------------------
 def _count_generate_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = SpecEngine.generate
+    original = SpecEngine._complete  # every answer, whether from generate() or a shared prefill
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SpecEngine, "generate", counting)
+    monkeypatch.setattr(SpecEngine, "_complete", counting)
     return calls
 
 

@@ -9,8 +9,6 @@ resumes where it stopped and a finished one only rewrites the report.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import hashlib
 import json
 import time
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from spec_rag.bench.methods import DRAFT_METHODS, Harness, SampleContext, method_family
 from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt, score_answer
 from spec_rag.errors import InvalidInputError
-from spec_rag.profiling import PeakMemory, rss_bytes
+from spec_rag.profiling import PeakMemory, release_memory, rss_bytes
 
 SAMPLES_FILE = "samples.jsonl"
 SPEED_FILE = "speed.jsonl"
@@ -216,15 +214,8 @@ def run_accuracy(
 
 
 # -- speed --------------------------------------------------------------------------------------
-def _release_memory() -> None:
-    """Return freed memory to the OS so the next peak-RSS reading starts from a low base."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _timed(harness: Harness, ctx: SampleContext, method: str, budget: int | None) -> dict[str, Any]:
-    _release_memory()
+    release_memory()
     base = rss_bytes()
     with PeakMemory() as peak:
         start = time.perf_counter()
