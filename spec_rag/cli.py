@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_QUESTION = "What does the nonlocal statement do, and where can it be used?"
 
@@ -30,7 +30,7 @@ def _load(args: argparse.Namespace, name: str) -> tuple[Any, Any]:
 # -- demo ---------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from spec_rag import SpecEngine, SpecKVConfig, SpecPC, SpecPCConfig
-    from spec_rag.profiling import kv_cache_bytes
+    from spec_rag.profiling import PeakMemory, kv_cache_bytes, release_memory
     from spec_rag.retrieval import BM25, python_reference_sections, rag_messages
 
     question = args.question.strip()
@@ -51,17 +51,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     SpecEngine(draft, draft_tokenizer).generate("Hello", max_new_tokens=1)
 
     _log(args, "compressing with SpecPC and answering with SpecKV ...")
-    start = time.perf_counter()
-    parts = pc.compress_documents(question, [h.text for h in hits])
-    compress_s = time.perf_counter() - start
-    kept = [(hits[p.index].title, p.text) for p in parts if p.kept_tokens]
-    answer = engine.generate(rag_messages(question, kept), max_new_tokens=args.max_new_tokens)
+    release_memory()
+    with PeakMemory(target.device) as peak:
+        start = time.perf_counter()
+        parts = pc.compress_documents(question, [h.text for h in hits])
+        compress_s = time.perf_counter() - start
+        kept = [(hits[p.index].title, p.text) for p in parts if p.kept_tokens]
+        answer = engine.generate(rag_messages(question, kept), max_new_tokens=args.max_new_tokens)
     rows = [
-        (
+        _Row(
             "spec-rag (SpecPC + SpecKV)",
             answer.stats,
             compress_s,
             kv_cache_bytes(target, answer.stats.kv_cache_tokens),
+            peak.peak,
         )
     ]
 
@@ -69,9 +72,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _log(args, "answering the same question with the full context ...")
         full = engine.with_config(None)
         messages = rag_messages(question, [(h.title, h.text) for h in hits])
-        baseline = full.generate(messages, max_new_tokens=args.max_new_tokens)
+        release_memory()
+        with PeakMemory(target.device) as peak:
+            baseline = full.generate(messages, max_new_tokens=args.max_new_tokens)
+        stats = baseline.stats
         rows.append(
-            ("full context", baseline.stats, 0.0, kv_cache_bytes(target, baseline.stats.kv_cache_tokens))
+            _Row("full context", stats, 0.0, kv_cache_bytes(target, stats.kv_cache_tokens), peak.peak)
         )
 
     print(f"\nQuestion: {question}\n")
@@ -88,18 +94,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: Sequence[tuple[str, Any, float, int]]) -> str:
-    """Stages in seconds; ``KV MiB`` is the target's prompt cache while decoding."""
+class _Row(NamedTuple):
+    name: str
+    stats: Any
+    extra_draft_s: float
+    kv_bytes: int
+    peak_bytes: int
+
+
+def _table(rows: Sequence[_Row]) -> str:
+    """Stages in seconds; ``KV MiB`` is the target's prompt cache while decoding; ``peak MiB`` is
+    the most memory the run took above the loaded models (sampled RSS on a CPU, allocator peak
+    on CUDA)."""
     header = (
-        "| run | target prompt tokens | KV entries kept | KV MiB "
+        "| run | target prompt tokens | KV entries kept | KV MiB | peak MiB "
         "| draft s | target prefill s | decode s | total s |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, s, extra_draft_s, kv_bytes in rows:
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s, extra_draft_s, kv_bytes, peak_bytes in rows:
         lines.append(
             f"| {name} | {s.target_prefill_tokens} | {s.kv_cache_tokens} | {kv_bytes / 2**20:.1f} "
-            f"| {s.draft_s + extra_draft_s:.1f} | {s.target_prefill_s:.1f} | {s.decode_s:.1f} "
-            f"| {s.total_s + extra_draft_s:.1f} |"
+            f"| {peak_bytes / 2**20:.0f} | {s.draft_s + extra_draft_s:.1f} | {s.target_prefill_s:.1f} "
+            f"| {s.decode_s:.1f} | {s.total_s + extra_draft_s:.1f} |"
         )
     return "\n".join(lines)
 

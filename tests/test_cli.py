@@ -36,6 +36,8 @@ def test_demo_answers_and_compares_with_full_context(capsys):
     ours, full = (line.split("|") for line in table)
     assert int(ours[2]) <= 300 < int(full[2])  # the target saw the compressed prompt
     assert int(ours[3]) == 128  # KV entries kept
+    assert float(ours[4]) < float(full[4])  # KV MiB
+    assert float(ours[5]) >= 0 and float(full[5]) >= 0  # peak MiB above the loaded models
 
 
 @pytest.mark.real_model
