@@ -301,6 +301,7 @@ def test_tiny_speed_run_reports_ratios_against_full(tmp_path, bpe):
     )
     rows = read_jsonl(tmp_path / SPEED_FILE)
     assert len(rows) == 6
+    assert not any(r["stats"].get("shared_prefill") or r["stats"].get("shared_draft") for r in rows)
     assert all(r["latency_s"] > 0 and r["kv_cache_bytes"] > 0 for r in rows)
     full = {r["length"]: r["kv_cache_bytes"] for r in rows if r["method"] == "full"}
     assert all(r["kv_cache_bytes"] < full[r["length"]] for r in rows if r["method"] != "full")

@@ -249,8 +249,8 @@ def run_speed(
 ) -> Path:
     """End-to-end latency, KV-cache bytes and peak RSS of each method on one sample per length.
 
-    Every measurement starts from a fresh per-sample context (no draft pass shared), after one
-    untimed warm-up answer. Appends to ``out_dir/speed.jsonl``; ratios against ``full`` at the
+    Every measurement runs the method on its own, as a user would (no prefill or draft pass
+    shared), after one untimed warm-up answer. Appends to ``out_dir/speed.jsonl``; ratios against ``full`` at the
     same length are computed in the report.
     """
     _check_names([task], methods)
@@ -258,7 +258,7 @@ def run_speed(
     out.mkdir(parents=True, exist_ok=True)
     path = out / SPEED_FILE
     done = {r["key"] for r in read_jsonl(path) if "key" in r}
-    session = _Session(models, harness_options or {})
+    session = _Session(models, {**(harness_options or {}), "share_prefill": False, "share_specpc": False})
     need_draft = any(m in DRAFT_METHODS for m in methods)
 
     def budget_of(method: str) -> int | None:
