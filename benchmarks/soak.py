@@ -2,8 +2,9 @@
 
     python benchmarks/soak.py --requests 200 --threads 8
 
-RSS is read after a warm-up of ``--warmup`` requests (allocator and caches settled), after the
-sequential phase and after the concurrent phase. Every answer is checked against the same
+RSS is read after a warm-up of ``--warmup`` requests, first one by one and then from
+``--threads`` threads (allocator and caches settled), after the sequential phase and after the
+concurrent phase. Every answer is checked against the same
 prompt's answer when run alone (greedy), so cross-talk between threads counts as an error.
 """
 
@@ -54,6 +55,10 @@ def main() -> None:
     expected = [answer(i) for i in range(len(prompts))]  # also the warm-up
     for i in range(args.warmup):
         answer(i)
+    # Warm the concurrent path too: each thread's first requests grow the allocator's per-thread
+    # arenas once; a leak is growth beyond that steady state.
+    with ThreadPoolExecutor(args.threads) as pool:
+        list(pool.map(answer, range(args.warmup)))
     rss_start = rss_bytes()
     errors = 0
     start = time.perf_counter()

@@ -31,6 +31,7 @@ def _harness_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "cascade_factor": args.cascade_factor,
         "share_specpc": not args.no_share_specpc,
+        "share_prefill": not args.no_share_prefill,
         "max_new_tokens": args.max_new_tokens,
     }
 
@@ -117,6 +118,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--no-share-specpc",
         action="store_true",
         help="run SpecPC inside the engine per budget instead of one draft pass per sample",
+    )
+    parser.add_argument(
+        "--no-share-prefill",
+        action="store_true",
+        help="run full, SpecKV, SnapKV and StreamingLLM in the engine per budget instead of "
+        "serving them all from one target prefill per sample",
     )
 
 

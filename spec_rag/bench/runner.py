@@ -250,8 +250,8 @@ def run_speed(
     """End-to-end latency, KV-cache bytes and peak RSS of each method on one sample per length.
 
     Every measurement runs the method on its own, as a user would (no prefill or draft pass
-    shared), after one untimed warm-up answer. Appends to ``out_dir/speed.jsonl``; ratios against ``full`` at the
-    same length are computed in the report.
+    shared), after one untimed warm-up answer. Appends to ``out_dir/speed.jsonl``; ratios
+    against ``full`` at the same length are computed in the report.
     """
     _check_names([task], methods)
     out = Path(out_dir)
