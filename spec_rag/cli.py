@@ -266,8 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(build_parser().parse_args(argv), "spec-rag")
+
+
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Run the parsed command: errors become one line on stderr (a traceback only with
+    ``--debug``), Ctrl-C exits with 130."""
     if args.quiet:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
@@ -280,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from spec_rag.errors import SpecRagError
 
         kind = "error" if isinstance(err, SpecRagError | OSError | ValueError) else type(err).__name__
-        print(f"spec-rag: {kind}: {err}", file=sys.stderr)
+        print(f"{prog}: {kind}: {err}", file=sys.stderr)
         return 1
 
 

@@ -4,7 +4,6 @@ commands under ``spec-rag bench``."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -195,23 +194,11 @@ def _add_commands(bench: argparse.ArgumentParser, common: argparse.ArgumentParse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from spec_rag.cli import run_command
+
     parser = argparse.ArgumentParser(prog="python -m spec_rag.bench", description="spec-rag benchmarks.")
     _add_commands(parser, None)
-    args = parser.parse_args(argv)
-    if args.quiet:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:
-        if args.debug:
-            raise
-        from spec_rag.errors import SpecRagError
-
-        kind = "error" if isinstance(err, SpecRagError | OSError | ValueError) else type(err).__name__
-        print(f"spec-rag bench: {kind}: {err}", file=sys.stderr)
-        return 1
+    return run_command(parser.parse_args(argv), "spec-rag bench")
 
 
 if __name__ == "__main__":
