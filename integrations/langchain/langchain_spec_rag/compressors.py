@@ -13,17 +13,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from spec_rag import InvalidInputError, SpecPC, SpecPCConfig
 
 # SpecPCConfig fields a user may set one by one on the compressor (besides max_capacity_prompt).
-_CONFIG_FIELDS = (
-    "window_size",
-    "kernel_size",
-    "neighbor_tokens",
-    "pool_type",
-    "reduction_type",
-    "lookahead_tokens",
-    "starting_layer_index",
-    "weighted_query",
-    "keep_special_tokens",
-)
+_CONFIG_FIELDS = tuple(name for name in SpecPCConfig.model_fields if name != "max_capacity_prompt")
 
 
 class SpecPCCompressor(BaseDocumentCompressor):

@@ -25,18 +25,7 @@ KEPT_TOKENS_KEY = "spec_rag_kept_tokens"
 _ADDED_KEYS = (SCORE_KEY, ORIGINAL_TOKENS_KEY, KEPT_TOKENS_KEY)
 
 # Fields that map one to one onto SpecPCConfig; None means "the config's default".
-_CONFIG_FIELDS = (
-    "max_capacity_prompt",
-    "window_size",
-    "kernel_size",
-    "neighbor_tokens",
-    "pool_type",
-    "reduction_type",
-    "lookahead_tokens",
-    "starting_layer_index",
-    "weighted_query",
-    "keep_special_tokens",
-)
+_CONFIG_FIELDS = tuple(SpecPCConfig.model_fields)
 
 
 class SpecPCNodePostprocessor(BaseNodePostprocessor):
