@@ -29,6 +29,9 @@ _CALL_OPTIONS = {
 }
 
 
+_LOOKAHEAD_METHODS = ("speckv", "speckv-pc", "specpc")
+
+
 class ChatSpecKV(BaseChatModel):
     """A local chat model whose long prompts are served with draft-based approximate inference.
 
@@ -53,6 +56,9 @@ class ChatSpecKV(BaseChatModel):
             ``None`` keeps the method's default.
         window_size: last prompt tokens used as scoring queries and always kept.
         prompt_capacity: ``"speckv-pc"`` only, the budget of its SpecPC step.
+        lookahead_tokens: tokens the draft writes ahead for scoring (``"speckv"`` and
+            ``"speckv-pc"``: ``None`` writes as many as the answer may have; ``"specpc"``:
+            ``None`` keeps SpecPC's default).
         max_tokens: most tokens to generate (alias ``max_new_tokens``).
         temperature / top_p / top_k / seed: sampling (temperature 0 is greedy).
         stop: strings that end the answer; merged with the ``stop`` of each call.
@@ -92,6 +98,7 @@ class ChatSpecKV(BaseChatModel):
     max_capacity_prompt: int | None = None
     window_size: int | None = None
     prompt_capacity: int | None = None
+    lookahead_tokens: int | None = Field(default=None, ge=0)
 
     max_tokens: int = Field(default=256, ge=0, alias="max_new_tokens")
     temperature: float = Field(default=0.0, ge=0.0)
@@ -137,6 +144,7 @@ class ChatSpecKV(BaseChatModel):
                 "max_capacity_prompt",
                 "window_size",
                 "prompt_capacity",
+                "lookahead_tokens",
                 "draft",
                 "draft_model",
             }
@@ -154,6 +162,11 @@ class ChatSpecKV(BaseChatModel):
                 f"prompt_capacity is the SpecPC budget of method 'speckv-pc'; method {self.method!r} "
                 "has no such step. Use max_capacity_prompt instead."
             )
+        if self.lookahead_tokens is not None and self.method not in _LOOKAHEAD_METHODS:
+            raise ValueError(
+                f"lookahead_tokens is the draft's lookahead of {', '.join(_LOOKAHEAD_METHODS)}; "
+                f"method {self.method!r} has no draft lookahead. Leave it unset."
+            )
         self._method_config()  # validates the method name and budgets now, not at first use
         if self.method in _NEEDS_DRAFT and self.draft is None and self.draft_model is None:
             raise ValueError(
@@ -170,6 +183,7 @@ class ChatSpecKV(BaseChatModel):
                 ("max_capacity_prompt", self.max_capacity_prompt),
                 ("window_size", self.window_size),
                 ("prompt_capacity", self.prompt_capacity),
+                ("lookahead_tokens", self.lookahead_tokens),
             )
             if value is not None
         }

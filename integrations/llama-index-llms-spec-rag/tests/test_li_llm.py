@@ -132,6 +132,25 @@ def test_stop_strings_end_the_answer_before_them(llm, models):
     assert "".join(c.delta for c in with_field.stream_complete(PROMPT)) == expected
 
 
+def test_lookahead_tokens_reach_the_engine(models):
+    target, draft, tokenizer = models
+    llm = SpecKVLLM(
+        llm=target,
+        tokenizer=tokenizer,
+        draft_model=draft,
+        max_capacity_prompt=32,
+        window_size=8,
+        lookahead_tokens=2,
+        max_new_tokens=NEW_TOKENS,
+    )
+    response = llm.complete(PROMPT)
+    assert response.raw["spec_rag"]["lookahead_tokens"] == 2
+    engine = SpecEngine(target, tokenizer, draft, config=KV.model_copy(update={"lookahead_tokens": 2}))
+    assert response.text == _expected(engine, _user(PROMPT))
+    with pytest.raises(ValueError, match="no draft lookahead"):
+        SpecKVLLM(llm=target, tokenizer=tokenizer, method="snapkv", lookahead_tokens=2)
+
+
 def test_responses_carry_token_usage_and_engine_stats(llm):
     response = llm.complete(PROMPT)
     usage = response.raw["usage"]

@@ -121,6 +121,32 @@ def test_invoke_answers_like_the_engine(chat: ChatSpecKV, target: Any, tokenizer
     assert answer.content == _engine_answer(target, tokenizer, draft, PROMPT)
 
 
+def test_lookahead_tokens_reach_the_engine(target: Any, tokenizer: Any, draft: Any) -> None:
+    chat = ChatSpecKV(
+        llm=target,
+        tokenizer=tokenizer,
+        draft_model=draft,
+        draft_tokenizer=tokenizer,
+        max_capacity_prompt=64,
+        window_size=8,
+        lookahead_tokens=3,
+        max_tokens=12,
+    )
+    answer = chat.invoke(LONG_PROMPT)
+    assert answer.response_metadata["spec_rag"]["lookahead_tokens"] == 3
+    engine = SpecEngine(
+        target,
+        tokenizer,
+        draft,
+        tokenizer,
+        SpecKVConfig(max_capacity_prompt=64, window_size=8, lookahead_tokens=3),
+    )
+    expected = engine.generate([{"role": "user", "content": LONG_PROMPT}], max_new_tokens=12)
+    assert answer.content == expected.text  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="no draft lookahead"):
+        ChatSpecKV(llm=target, tokenizer=tokenizer, method="snapkv", lookahead_tokens=3)
+
+
 def test_invoke_reports_usage_and_spec_rag_stats(chat: ChatSpecKV) -> None:
     answer = chat.invoke(LONG_PROMPT)
     stats = answer.response_metadata["spec_rag"]

@@ -51,7 +51,8 @@ _ROLE_NAMES = {
     MessageRole.MODEL: "assistant",
     MessageRole.DEVELOPER: "system",
 }
-_METHOD_FIELDS = ("method", "max_capacity_prompt", "window_size", "prompt_capacity")
+_METHOD_FIELDS = ("method", "max_capacity_prompt", "window_size", "prompt_capacity", "lookahead_tokens")
+_LOOKAHEAD_METHODS = ("speckv", "speckv-pc", "specpc")
 
 Prompt = str | list[dict[str, Any]]
 
@@ -101,6 +102,12 @@ class SpecKVLLM(CustomLLM):
     )
     window_size: int | None = Field(default=None, ge=0, description="Last prompt positions always kept.")
     prompt_capacity: int | None = Field(default=None, gt=0, description="SpecKV-PC's prompt budget.")
+    lookahead_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tokens the draft writes ahead for scoring (speckv, speckv-pc: None writes as many "
+        "as the answer may have; specpc: None keeps its default).",
+    )
     max_new_tokens: int = Field(default=256, gt=0, description="Most tokens generated per answer.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -184,6 +191,13 @@ class SpecKVLLM(CustomLLM):
                     "max_capacity_prompt, or set method='speckv-pc'."
                 )
             fields["prompt_capacity"] = self.prompt_capacity
+        if self.lookahead_tokens is not None:
+            if self.method.lower().replace("_", "-") not in _LOOKAHEAD_METHODS:
+                raise ValueError(
+                    f"lookahead_tokens is the draft's lookahead of {', '.join(_LOOKAHEAD_METHODS)}; "
+                    f"method {self.method!r} has no draft lookahead. Leave it unset."
+                )
+            fields["lookahead_tokens"] = self.lookahead_tokens
         return config_for_method(self.method, **fields)
 
     def _get_engine(self) -> SpecEngine:
