@@ -325,6 +325,7 @@ def test_pickled_weights_are_refused_with_the_safetensors_fix(
         load_model(snapshot)  # the same files as a local directory
 
 
+@pytest.mark.filterwarnings("ignore:A test tried to use socket")
 def test_unit_tests_run_with_network_sockets_disabled() -> None:
     import socket
 
