@@ -30,15 +30,7 @@ def models():
 
 @pytest.fixture
 def llm(models) -> SpecKVLLM:
-    target, draft, tokenizer = models
-    return SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        max_capacity_prompt=32,
-        window_size=8,
-        max_new_tokens=NEW_TOKENS,
-    )
+    return _llm(models)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +43,13 @@ def _expected(engine: SpecEngine, prompt, **kwargs) -> str:
     return engine.generate(prompt, max_new_tokens=kwargs.pop("max_new_tokens", NEW_TOKENS), **kwargs).text
 
 
+def _llm(models, **overrides) -> SpecKVLLM:
+    """An LLM over the tiny models with the test budgets; ``overrides`` add or replace fields."""
+    target, draft, tokenizer = models
+    fields = dict(max_new_tokens=NEW_TOKENS, max_capacity_prompt=32, window_size=8, **overrides)
+    return SpecKVLLM(llm=target, tokenizer=tokenizer, draft_model=draft, **fields)
+
+
 def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -61,16 +60,7 @@ def test_complete_sends_the_prompt_as_a_user_message_through_the_chat_template(l
 
 
 def test_system_prompt_leads_the_completion_messages(models, engine):
-    target, draft, tokenizer = models
-    llm = SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        system_prompt="Be brief.",
-        max_new_tokens=NEW_TOKENS,
-        max_capacity_prompt=32,
-        window_size=8,
-    )
+    llm = _llm(models, system_prompt="Be brief.")
     expected = _expected(engine, [{"role": "system", "content": "Be brief."}, *_user(PROMPT)])
     assert llm.complete(PROMPT).text == expected
 
@@ -80,16 +70,7 @@ def test_a_formatted_prompt_is_fed_as_is(llm, engine):
 
 
 def test_completion_to_prompt_formats_unformatted_prompts(models, engine):
-    target, draft, tokenizer = models
-    llm = SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        max_new_tokens=NEW_TOKENS,
-        max_capacity_prompt=32,
-        window_size=8,
-        completion_to_prompt=lambda p: f"Q: {p}\nA:",
-    )
+    llm = _llm(models, completion_to_prompt=lambda p: f"Q: {p}\nA:")
     assert llm.complete(PROMPT).text == _expected(engine, f"Q: {PROMPT}\nA:")
 
 
@@ -116,16 +97,7 @@ def test_stop_strings_end_the_answer_before_them(llm, models):
     stop = next(full[i : i + 3] for i in range(len(full) // 2, len(full) - 3) if full[i : i + 3].strip())
     expected = full[: full.index(stop)]
     assert llm.complete(PROMPT, stop=[stop]).text == expected
-    target, draft, tokenizer = models
-    with_field = SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        max_new_tokens=NEW_TOKENS,
-        max_capacity_prompt=32,
-        window_size=8,
-        stop=[stop],
-    )
+    with_field = _llm(models, stop=[stop])
     response = with_field.complete(PROMPT)
     assert response.text == expected
     assert response.raw["finish_reason"] == "stop"
@@ -134,15 +106,7 @@ def test_stop_strings_end_the_answer_before_them(llm, models):
 
 def test_lookahead_tokens_reach_the_engine(models):
     target, draft, tokenizer = models
-    llm = SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        max_capacity_prompt=32,
-        window_size=8,
-        lookahead_tokens=2,
-        max_new_tokens=NEW_TOKENS,
-    )
+    llm = _llm(models, lookahead_tokens=2)
     response = llm.complete(PROMPT)
     assert response.raw["spec_rag"]["lookahead_tokens"] == 2
     engine = SpecEngine(target, tokenizer, draft, config=KV.model_copy(update={"lookahead_tokens": 2}))
@@ -166,17 +130,8 @@ def test_responses_carry_token_usage_and_engine_stats(llm):
 
 
 def test_token_usage_reaches_llamaindex_token_counting(models):
-    target, draft, tokenizer = models
     counter = TokenCountingHandler(tokenizer=lambda text: [0])  # a fallback count would be 1
-    llm = SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        max_new_tokens=NEW_TOKENS,
-        max_capacity_prompt=32,
-        window_size=8,
-        callback_manager=CallbackManager([counter]),
-    )
+    llm = _llm(models, callback_manager=CallbackManager([counter]))
     usage = llm.chat([ChatMessage(role="user", content=PROMPT)]).raw["usage"]
     assert counter.prompt_llm_token_count == usage["prompt_tokens"]
     assert counter.completion_llm_token_count == NEW_TOKENS
@@ -206,16 +161,7 @@ def test_stream_chat_deltas_add_up_to_the_chat_answer(llm):
 
 
 def test_messages_to_prompt_override_is_fed_as_is(models, engine):
-    target, draft, tokenizer = models
-    llm = SpecKVLLM(
-        llm=target,
-        tokenizer=tokenizer,
-        draft_model=draft,
-        max_new_tokens=NEW_TOKENS,
-        max_capacity_prompt=32,
-        window_size=8,
-        messages_to_prompt=lambda ms: "\n".join(m.content for m in ms),
-    )
+    llm = _llm(models, messages_to_prompt=lambda ms: "\n".join(m.content for m in ms))
     assert llm.chat([ChatMessage(role="user", content=PROMPT)]).message.content == _expected(engine, PROMPT)
 
 
