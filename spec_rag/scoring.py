@@ -95,14 +95,19 @@ class WindowRecorder:
             it is scored (prompt window queries and, in later passes, lookahead queries).
         num_keys: the scores cover key positions ``[0, num_keys)`` (the prompt).
         layers: layer indices to record; ``None`` records all.
+        window_end: absolute position of the first query *not* scored (``None``: no end), so a
+            pass that writes more lookahead tokens than it scores can serve both purposes.
 
     Subclasses implement :meth:`reduce`, which must shrink what it keeps to ``O(L)``.
     """
 
-    def __init__(self, window_start: int, num_keys: int, layers: range | None = None) -> None:
+    def __init__(
+        self, window_start: int, num_keys: int, layers: range | None = None, window_end: int | None = None
+    ) -> None:
         self.window_start = window_start
         self.num_keys = num_keys
         self.layers = layers
+        self.window_end = window_end
 
     def observe(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
         layer = int(getattr(module, "layer_idx", 0))
@@ -111,12 +116,13 @@ class WindowRecorder:
         q_len, k_len = query.shape[2], key.shape[2]
         q_offset = k_len - q_len  # absolute position of query row 0
         first = max(0, self.window_start - q_offset)
-        if first >= q_len:
+        last = q_len if self.window_end is None else min(q_len, self.window_end - q_offset)
+        if first >= last:
             return
         batch, heads, _, head_dim = query.shape
         kv_heads = key.shape[1]
         group = heads // kv_heads
-        window_q = query[:, :, first:, :].float()  # [b, heads, wq, d]
+        window_q = query[:, :, first:last, :].float()  # [b, heads, wq, d]
         wq = window_q.shape[2]
         window_q = window_q.view(batch, kv_heads, group, wq, head_dim)  # [b, kv, group, wq, d]
         scaling = kwargs.get("scaling") or head_dim**-0.5
@@ -125,7 +131,7 @@ class WindowRecorder:
         softcap = kwargs.get("softcap")
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        q_pos = torch.arange(q_offset + first, q_offset + q_len, device=query.device)  # [wq]
+        q_pos = torch.arange(q_offset + first, q_offset + last, device=query.device)  # [wq]
         k_pos = torch.arange(k_len, device=query.device)  # [k]
         hidden = k_pos[None, :] > q_pos[:, None]  # [wq, k]
         logits.masked_fill_(hidden, float("-inf"))
@@ -157,8 +163,9 @@ class TokenScoreRecorder(WindowRecorder):
         layers: range,
         reduction: str = "max",
         weighted_query: bool = True,
+        window_end: int | None = None,
     ) -> None:
-        super().__init__(window_start, num_keys, layers)
+        super().__init__(window_start, num_keys, layers, window_end)
         self.reduction = reduction
         self.weighted_query = weighted_query
         self.window = max(num_keys - window_start, 1)

@@ -141,13 +141,23 @@ class SpecPC:
 
     # -- scoring ---------------------------------------------------------------------------
     def score_tokens(
-        self, input_ids: torch.Tensor, *, lookahead_tokens: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        lookahead_tokens: int | None = None,
+        generate_tokens: int | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Raw (unsmoothed) importance of every token of ``input_ids`` ``[L]``, and the lookahead."""
+        """Raw (unsmoothed) importance of every token of ``input_ids`` ``[L]``, and the lookahead.
+
+        ``generate_tokens`` (at least ``lookahead_tokens``) lets the same pass write a longer
+        lookahead than it scores, e.g. for SpecKV: scores use the first ``lookahead_tokens``
+        queries only, so they equal a pass that writes no more.
+        """
         cfg = self.config
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
+        total = n if generate_tokens is None else max(generate_tokens, n)
         length = input_ids.numel()
-        check_fits(self.model, length + n, role="draft")
+        check_fits(self.model, length + total, role="draft")
         layers = range(starting_layer(cfg, self.model), int(self.model.config.num_hidden_layers))
         window = min(cfg.window_size, length) or 1
         recorder = TokenScoreRecorder(
@@ -156,9 +166,10 @@ class SpecPC:
             layers=layers,
             reduction=cfg.reduction_type,
             weighted_query=cfg.weighted_query,
+            window_end=length + n,
         )
         lookahead = draft_pass(
-            self.model, input_ids, lookahead_tokens=n, eos_token_ids=self._eos, recorder=recorder
+            self.model, input_ids, lookahead_tokens=total, eos_token_ids=self._eos, recorder=recorder
         )
         return recorder.scores().cpu(), lookahead
 

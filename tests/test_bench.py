@@ -175,7 +175,7 @@ def test_specpc_shares_one_draft_pass_across_budgets(tiny_harness, bpe, monkeypa
 
 
 @pytest.mark.parametrize("task", ["niah_single_2", "vt"])
-def test_one_shared_prefill_keeps_and_answers_what_each_method_alone_would(task, bpe, monkeypatch):
+def test_one_prefill_and_one_draft_pass_keep_and_answer_what_each_method_alone_would(task, bpe, monkeypatch):
     import spec_rag.bench.methods as methods_module
     import spec_rag.engine as engine_module
 
@@ -191,31 +191,40 @@ def test_one_shared_prefill_keeps_and_answers_what_each_method_alone_would(task,
                 kept[_n].append(positions.clone()) or _o(cache, positions)
             ),
         )
-    prefills: list[int] = []  # target forwards over more than one token: prefills and continuations
-    target.register_forward_pre_hook(
-        lambda m, args, kwargs: (
-            prefills.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1 else None
-        ),
-        with_kwargs=True,
-    )
+    prefills: dict[str, list[int]] = {"target": [], "draft": []}  # forwards over more than one token
+    for name, model in (("target", target), ("draft", draft)):
+        model.register_forward_pre_hook(
+            lambda m, args, kwargs, _n=name: (
+                prefills[_n].append(kwargs["input_ids"].shape[1])
+                if kwargs["input_ids"].shape[1] > 1
+                else None
+            ),
+            with_kwargs=True,
+        )
     sample = generate_sample(task, 700, 0, 0, bpe)
     runs = [("full", None)] + [(m, b) for m in ("speckv", "snapkv", "streamingllm") for b in (64, 128, 256)]
     outcomes = {}
     for share in (False, True):
-        harness = Harness(target, bpe, draft, bpe, max_new_tokens=6, share_prefill=share)
+        harness = Harness(target, bpe, draft, bpe, max_new_tokens=6, share_prefill=share, share_specpc=share)
         ctx = harness.context(sample)
-        prefills.clear()
-        outcomes[share] = [harness.run(ctx, m, b) for m, b in runs]
-        count = len(prefills)
+        prefills["target"].clear()
+        prefills["draft"].clear()
+        outcomes[share] = [harness.run(ctx, m, b) for m, b in [*runs, ("specpc", 256)]]
         if share:
-            # the prompt once, the lookahead once (on a scratch copy), for all ten answers
-            assert count == 2 and prefills[1] == outcomes[True][1].stats["lookahead_tokens"]
+            # the prompt once and the lookahead once (on a scratch copy) for all ten answers, then
+            # SpecPC's kept prompt; one draft pass scored for SpecPC and wrote SpecKV's lookahead
+            assert len(prefills["target"]) == 3
+            assert prefills["target"][1] == outcomes[True][1].stats["lookahead_tokens"]
+            assert len(prefills["draft"]) == 1
         else:
-            assert count == len(runs)
+            assert len(prefills["target"]) == len(runs) + 1
+            assert len(prefills["draft"]) == 3 + 1  # SpecKV at three budgets, then SpecPC
     assert len(kept["alone"]) == len(kept["shared"]) == 9
     for alone, shared in zip(kept["alone"], kept["shared"], strict=True):
         assert torch.equal(alone, shared)
-    for (method, budget), alone, shared in zip(runs, outcomes[False], outcomes[True], strict=True):
+    assert outcomes[True][-1].stats["kept_tokens"] == 256
+    assert outcomes[False][-1].stats["target_prefill_tokens"] <= 256 * 1.05  # the engine's SpecPC
+    for (method, budget), alone, shared in zip(runs, outcomes[False], outcomes[True], strict=False):
         assert shared.answer == alone.answer, (method, budget)
         for field in ("kv_cache_tokens", "output_tokens", "lookahead_tokens", "prompt_tokens"):
             assert shared.stats[field] == alone.stats[field], (method, budget, field)

@@ -176,3 +176,14 @@ def test_a_document_does_not_lend_its_scores_to_its_neighbour(draft, tokenizer):
     parts = wide.compress_documents(query, docs, max_capacity_prompt=400)
     # A max pool inside each document keeps the document's own peak; leaking would raise it.
     assert [p.score for p in parts] == pytest.approx([p / max(peaks) for p in peaks], rel=1e-5)
+
+
+def test_a_longer_lookahead_scores_as_the_configured_one_and_extends_it(draft, tokenizer, long_text):
+    pc = SpecPC(draft, tokenizer, SpecPCConfig(max_capacity_prompt=128, window_size=8, lookahead_tokens=3))
+    ids = tokenizer(long_text[:1500], return_tensors="pt")["input_ids"][0]
+    alone, short = pc.score_tokens(ids)
+    shared, long = pc.score_tokens(ids, generate_tokens=10)
+    assert torch.allclose(alone, shared)
+    assert long[: len(short)] == short and len(long) > len(short)
+    wider, _ = pc.score_tokens(ids, lookahead_tokens=10)
+    assert not torch.allclose(alone, wider)  # the extra queries do change scores when counted

@@ -14,7 +14,9 @@ target prefills the prompt once, recording its window queries' attention (SnapKV
 the draft's lookahead then runs as a short continuation on a scratch copy of that cache,
 recording its own queries (with the window's, SpecKV's scores: causal attention makes this the
 same as prefilling prompt + lookahead at once); each method and budget then decodes from its own
-compressed copy of the prompt cache. Its stats count the shared prefill as if it were its own,
+compressed copy of the prompt cache. The draft's lookahead comes from the same draft pass that
+scores the prompt for SpecPC (``share_specpc``): it writes SpecKV's longer lookahead while
+scoring only SpecPC's own lookahead queries. Stats count shared work as if it were each run's own,
 so latencies stay comparable; ``spec-rag bench speed`` runs every method on its own instead.
 
 The token-level baselines keep, as SpecPC does, the last ``window_size`` tokens and the chat
@@ -113,6 +115,16 @@ class _SharedPrefill:
 
 
 @dataclass(frozen=True)
+class _DraftPass:
+    """The draft's one pass over a sample's prompt."""
+
+    encoded: _Encoded  # the prompt in draft tokens
+    scores: torch.Tensor  # [L]: SpecPC's pooled token scores
+    lookahead: list[int] | None  # SpecKV's lookahead (None: vocabularies differ, not written)
+    seconds: float
+
+
+@dataclass(frozen=True)
 class _Unit:
     document: int
     text: str
@@ -172,9 +184,10 @@ class Harness:
             ``neighbor_tokens`` and ``keep_special_tokens`` also shape the token baselines.
         cascade_factor: SpecKV-PC keeps ``cascade_factor * budget`` prompt tokens before cutting
             the cache to ``budget``.
-        share_specpc: score the prompt with the draft once per sample and select every budget
-            from those scores (the same selection as the engine's SpecPC; the kept text is
-            re-tokenised by the target). ``False`` runs SpecPC inside the engine per budget.
+        share_specpc: one draft pass per sample: it scores the prompt for SpecPC (every budget
+            is selected from those scores, as the engine's SpecPC selects; the kept text is
+            re-tokenised by the target) and, with a shared vocabulary, writes SpecKV's lookahead
+            too. ``False`` runs SpecPC inside the engine per budget.
         chunk_tokens: passage size when a single-document context is split for the doc filters.
         share_prefill: one target prefill per sample serves full, SpecKV, SnapKV and
             StreamingLLM at every budget (see the module's doc). ``False`` runs each in the engine.
@@ -312,7 +325,12 @@ class Harness:
         config = engine.config
         assert isinstance(config, SpecKVConfig)
         stats = GenerationStats()
-        lookahead = engine._draft_lookahead(ctx.prompt, shared.ids, params, stats)
+        n = engine._lookahead_length(params)
+        draft = self._draft_pass(ctx) if self.share_specpc and self.full.shared_vocabulary else None
+        if draft is not None and draft.lookahead is not None and torch.equal(draft.encoded.ids, shared.ids):
+            lookahead, stats.draft_s = draft.lookahead[:n], draft.seconds  # SpecPC's pass wrote it
+        else:
+            lookahead = engine._draft_lookahead(ctx.prompt, shared.ids, params, stats)
         length = shared.ids.numel()
         check_fits(self.target, length + len(lookahead), role="target")
         t0 = time.perf_counter()
@@ -371,7 +389,8 @@ class Harness:
         assert budget is not None
         if not self.share_specpc:
             return self._generate(self._engine_for("specpc", budget), ctx.prompt, ctx.sample)
-        encoded, scores, draft_s = ctx.memo("specpc", lambda: self._specpc_scores(ctx.prompt))
+        draft = self._draft_pass(ctx)
+        encoded, scores, draft_s = draft.encoded, draft.scores, draft.seconds
         cfg = self.specpc
         kept = select_prompt_tokens(
             scores,
@@ -384,13 +403,23 @@ class Harness:
         outcome.stats.update(draft_s=draft_s, total_s=outcome.stats["total_s"] + draft_s, shared_draft=True)
         return outcome
 
-    def _specpc_scores(self, prompt: str) -> tuple[_Encoded, torch.Tensor, float]:
-        start = time.perf_counter()
-        pc = SpecPC(self.draft, self.draft_tokenizer, self.specpc)
-        encoded = _encode(self.draft_tokenizer, prompt)
-        raw, _ = pc.score_tokens(encoded.ids)
-        scores = pool_scores(raw, self.specpc.kernel_size, self.specpc.pool_type)
-        return encoded, scores, time.perf_counter() - start
+    def _draft_pass(self, ctx: SampleContext) -> _DraftPass:
+        """One draft pass per sample: it scores the prompt for SpecPC (its own lookahead queries
+        only) and, when draft and target share a vocabulary, writes SpecKV's whole lookahead."""
+
+        def run() -> _DraftPass:
+            start = time.perf_counter()
+            pc = SpecPC(self.draft, self.draft_tokenizer, self.specpc)
+            encoded = _encode(self.draft_tokenizer, ctx.prompt)
+            n = self._answer_budget(ctx.sample) if self.full.shared_vocabulary else None
+            raw, lookahead = pc.score_tokens(encoded.ids, generate_tokens=n)
+            scores = pool_scores(raw, self.specpc.kernel_size, self.specpc.pool_type)
+            return _DraftPass(
+                encoded, scores, lookahead if n is not None else None, time.perf_counter() - start
+            )
+
+        draft: _DraftPass = ctx.memo("draft", run)
+        return draft
 
     def _answer_kept(self, ctx: SampleContext, encoded: _Encoded, kept: torch.Tensor) -> Outcome:
         """Let the full engine answer the kept tokens (joined as SpecPC joins them)."""
