@@ -11,6 +11,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import functools
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -43,6 +46,20 @@ def new_cache(model: Any) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The keyword ``model_class.forward`` takes the KV cache under.
+
+    Recent transformers releases name it ``cache`` and warn on the older ``past_key_values``;
+    earlier 5.x releases only know ``past_key_values``.
+    """
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def forward(
     model: Any,
@@ -64,9 +81,9 @@ def forward(
         kwargs["position_ids"] = positions[None, :]
     if recorder is not None:
         kwargs[RECORDER_KWARG] = recorder
+    kwargs[_cache_argument(type(model))] = cache
     out = model(
         input_ids=input_ids.to(model.device),
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
         **kwargs,

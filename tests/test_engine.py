@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import pytest
@@ -112,6 +113,24 @@ def test_decoding_after_compression_uses_true_rope_positions(target, draft, toke
     decode_positions = [p for p in seen if len(p) == 1]
     assert len(gen.token_ids) == 5
     assert decode_positions == [[length + i] for i in range(4)]  # not the cache length (48)
+
+
+def test_the_cache_goes_under_the_name_the_model_takes(target, draft, tokenizer, long_text):
+    # transformers renamed ``past_key_values`` to ``cache`` and warns on the old name.
+    expected = "cache" if "cache" in inspect.signature(type(target).forward).parameters else "past_key_values"
+    names: list[set[str]] = []
+
+    def capture(module, args, kwargs):
+        names.append(set(kwargs))
+
+    handle = target.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        SpecEngine(target, tokenizer, draft=draft, config=KV).generate(long_text, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert names and all(expected in called for called in names)
+    (other,) = {"cache", "past_key_values"} - {expected}
+    assert not any(other in called for called in names)
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda c: "full" if c is None else c.method)
