@@ -7,12 +7,10 @@ true RoPE positions itself.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import functools
-import inspect
 
 import torch
 from transformers import DynamicCache
@@ -46,18 +44,23 @@ def new_cache(model: Any) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_argument(model_class: type) -> str:
-    """The keyword ``model_class.forward`` takes the KV cache under.
+_CACHE_ARGUMENT: dict[Any, str] = {}
+
+
+def _cache_argument(model_class: Any) -> str:
+    """The keyword ``model_class.forward`` takes the KV cache under (looked up once per class).
 
     Recent transformers releases name it ``cache`` and warn on the older ``past_key_values``;
     earlier 5.x releases only know ``past_key_values``.
     """
-    try:
-        parameters = inspect.signature(model_class.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
+    name = _CACHE_ARGUMENT.get(model_class)
+    if name is None:
+        try:
+            parameters = inspect.signature(model_class.forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}  # type: ignore[assignment]
+        name = _CACHE_ARGUMENT[model_class] = "cache" if "cache" in parameters else "past_key_values"
+    return name
 
 
 @torch.inference_mode()
