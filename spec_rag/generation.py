@@ -56,10 +56,10 @@ def _cache_argument(model_class: Any) -> str:
     name = _CACHE_ARGUMENT.get(model_class)
     if name is None:
         try:
-            parameters = inspect.signature(model_class.forward).parameters
+            takes_cache = "cache" in inspect.signature(model_class.forward).parameters
         except (TypeError, ValueError):
-            parameters = {}  # type: ignore[assignment]
-        name = _CACHE_ARGUMENT[model_class] = "cache" if "cache" in parameters else "past_key_values"
+            takes_cache = False
+        name = _CACHE_ARGUMENT[model_class] = "cache" if takes_cache else "past_key_values"
     return name
 
 
