@@ -1,0 +1,97 @@
+"""Which expected answers survive SpecPC's cut, per sample and budget.
+
+    python benchmarks/specpc_retention.py --task niah_multivalue --length 4096 --indices 0 1 2 3 4 5
+
+A prompt method can miss an answer in two ways: the compression dropped the fact, or the target
+had it and answered wrong. This script measures the first alone (no target model runs): it
+builds the benchmark's samples (sized with the draft's tokenizer; the default pair shares
+one), scores each prompt once with the draft (the harness's SpecPC
+settings), cuts it at every ``--budgets`` value and checks which expected answers are still
+in the kept text. It also finds the smallest budget (in steps of ``--step`` tokens) that keeps
+them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import torch
+
+from spec_rag import SpecPC, SpecPCConfig, get_model
+from spec_rag._prompt import encode_prompt, text_from_spans
+from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt
+from spec_rag.models import DEFAULT_DRAFT
+from spec_rag.scoring import pool_scores
+from spec_rag.selection import select_prompt_tokens
+
+
+def answers_kept(
+    sample: Sample,
+    scores: torch.Tensor,
+    special: torch.Tensor | None,
+    text: str,
+    offsets: list[tuple[int, int]],
+    cfg: SpecPCConfig,
+    budget: int,
+) -> list[bool]:
+    """For each expected answer: is it in the prompt text SpecPC keeps at ``budget``?"""
+    kept = select_prompt_tokens(
+        scores, budget, window_size=cfg.window_size, neighbor_tokens=cfg.neighbor_tokens, always_keep=special
+    )
+    kept_text = text_from_spans(text, offsets, kept.tolist()).lower()
+    return [answer.lower() in kept_text for answer in sample.answers]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", default="niah_multivalue", choices=list(TASKS))
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 1536, 2048])
+    parser.add_argument("--step", type=int, default=64)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+
+    draft, tokenizer = get_model(args.draft, dtype=args.dtype)
+    cfg = SpecPCConfig()
+    compressor = SpecPC(draft, tokenizer, cfg)
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    kept_share: dict[int, list[float]] = {b: [] for b in args.budgets}
+    for index in args.indices:
+        sample = generate_sample(args.task, args.length, args.seed, index, tokenizer)
+        enc = encode_prompt(tokenizer, render_prompt(sample, tokenizer), offsets=True)
+        ids, offsets, text = enc["input_ids"], enc["offsets"], enc["text"]
+        start = time.perf_counter()
+        raw, _ = compressor.score_tokens(ids)
+        draft_s = time.perf_counter() - start
+        scores = pool_scores(raw, cfg.kernel_size, cfg.pool_type)
+        special = torch.isin(ids, special_ids) if cfg.keep_special_tokens else None
+
+        survivors = functools.partial(answers_kept, sample, scores, special, text, offsets, cfg)
+
+        row = []
+        for budget in args.budgets:
+            found = survivors(budget)
+            kept_share[budget].append(sum(found) / len(found))
+            row.append(f"{budget}: {sum(found)}/{len(found)}")
+        smallest = next(
+            (b for b in range(cfg.window_size, ids.numel() + args.step, args.step) if all(survivors(b))), None
+        )
+        print(
+            f"{sample.id}  {ids.numel()} tokens  draft {draft_s:.1f}s  kept answers  {'  '.join(row)}  "
+            f"smallest budget keeping all: {smallest}",
+            flush=True,
+        )
+    print("\nshare of expected answers in the kept text, mean over samples:")
+    for budget, shares in kept_share.items():
+        print(f"  budget {budget:>5}: {sum(shares) / len(shares):.3f}")
+
+
+if __name__ == "__main__":
+    main()
