@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 from tiny_models import _tokenizer, tiny_model
 
 from spec_rag.profiling import PeakMemory, kv_cache_bytes
@@ -42,7 +44,10 @@ def test_kv_cache_bytes_counts_keys_and_values_of_every_layer_and_head():
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
+    # An anonymous mapping is fresh pages from the OS; a bytearray may reuse heap pages that an
+    # earlier test freed and that are still resident, so RSS would not grow.
     with PeakMemory() as memory:
-        block = bytearray(64 * 2**20)
+        block = mmap.mmap(-1, 64 * 2**20)
         block[::4096] = b"x" * len(block[::4096])  # touch every page
+    block.close()
     assert memory.peak >= 32 * 2**20
