@@ -20,7 +20,7 @@ import time
 import torch
 
 from spec_rag import SpecPC, SpecPCConfig, get_model
-from spec_rag._prompt import encode_prompt, text_from_spans
+from spec_rag.bench.methods import _encode, _Encoded, _kept_text
 from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt
 from spec_rag.models import DEFAULT_DRAFT
 from spec_rag.scoring import pool_scores
@@ -28,19 +28,17 @@ from spec_rag.selection import select_prompt_tokens
 
 
 def answers_kept(
-    sample: Sample,
-    scores: torch.Tensor,
-    special: torch.Tensor | None,
-    text: str,
-    offsets: list[tuple[int, int]],
-    cfg: SpecPCConfig,
-    budget: int,
+    sample: Sample, encoded: _Encoded, scores: torch.Tensor, cfg: SpecPCConfig, budget: int
 ) -> list[bool]:
-    """For each expected answer: is it in the prompt text SpecPC keeps at ``budget``?"""
+    """For each expected answer: is it in the prompt text SpecPC keeps at ``budget``?
+
+    Encoding, selection and the kept text are the harness's own (``spec_rag.bench.methods``),
+    so this measures exactly what the accuracy run's SpecPC rows fed the target."""
+    special = encoded.special if cfg.keep_special_tokens else None
     kept = select_prompt_tokens(
         scores, budget, window_size=cfg.window_size, neighbor_tokens=cfg.neighbor_tokens, always_keep=special
     )
-    kept_text = text_from_spans(text, offsets, kept.tolist()).lower()
+    kept_text = _kept_text(encoded, kept).lower()
     return [answer.lower() in kept_text for answer in sample.answers]
 
 
@@ -61,19 +59,16 @@ def main() -> None:
     draft, tokenizer = get_model(args.draft, dtype=args.dtype)
     cfg = SpecPCConfig()
     compressor = SpecPC(draft, tokenizer, cfg)
-    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
     kept_share: dict[int, list[float]] = {b: [] for b in args.budgets}
     for index in args.indices:
         sample = generate_sample(args.task, args.length, args.seed, index, tokenizer)
-        enc = encode_prompt(tokenizer, render_prompt(sample, tokenizer), offsets=True)
-        ids, offsets, text = enc["input_ids"], enc["offsets"], enc["text"]
+        encoded = _encode(tokenizer, render_prompt(sample, tokenizer))
+        ids = encoded.ids
         start = time.perf_counter()
         raw, _ = compressor.score_tokens(ids)
         draft_s = time.perf_counter() - start
         scores = pool_scores(raw, cfg.kernel_size, cfg.pool_type)
-        special = torch.isin(ids, special_ids) if cfg.keep_special_tokens else None
-
-        survivors = functools.partial(answers_kept, sample, scores, special, text, offsets, cfg)
+        survivors = functools.partial(answers_kept, sample, encoded, scores, cfg)
 
         row = []
         for budget in args.budgets:
