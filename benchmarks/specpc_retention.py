@@ -24,7 +24,7 @@ from spec_rag.bench.methods import _encode, _Encoded, _kept_text
 from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt
 from spec_rag.models import DEFAULT_DRAFT
 from spec_rag.scoring import pool_scores
-from spec_rag.selection import select_prompt_tokens
+from spec_rag.specpc import select_tokens
 
 
 def answers_kept(
@@ -34,10 +34,7 @@ def answers_kept(
 
     Encoding, selection and the kept text are the harness's own (``spec_rag.bench.methods``),
     so this measures exactly what the accuracy run's SpecPC rows fed the target."""
-    special = encoded.special if cfg.keep_special_tokens else None
-    kept = select_prompt_tokens(
-        scores, budget, window_size=cfg.window_size, neighbor_tokens=cfg.neighbor_tokens, always_keep=special
-    )
+    kept = select_tokens(scores, budget, cfg, encoded.special)
     kept_text = _kept_text(encoded, kept).lower()
     return [answer.lower() in kept_text for answer in sample.answers]
 

@@ -32,6 +32,26 @@ from spec_rag.selection import select_prompt_tokens
 DEFAULT_INSTRUCTION = "Answer the question using the documents below."
 
 
+def select_tokens(
+    scores: torch.Tensor, capacity: int, config: SpecPCConfig, special: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SpecPC's whole-prompt selection with ``config``'s settings: sorted kept positions.
+
+    Args:
+        scores: ``[L]`` smoothed token scores.
+        capacity: tokens to keep.
+        special: ``[L]`` bool mask of chat-template special tokens; kept when
+            ``config.keep_special_tokens`` is on, ignored otherwise.
+    """
+    return select_prompt_tokens(
+        scores,
+        capacity,
+        window_size=config.window_size,
+        neighbor_tokens=config.neighbor_tokens,
+        always_keep=special if config.keep_special_tokens else None,
+    )
+
+
 @dataclass
 class Compression:
     """A compressed prompt.
@@ -213,13 +233,7 @@ class SpecPC:
         )
         raw, lookahead = self.score_tokens(input_ids, lookahead_tokens=lookahead_tokens)
         scores = self._smooth(raw)
-        kept = select_prompt_tokens(
-            scores,
-            capacity,
-            window_size=cfg.window_size,
-            neighbor_tokens=cfg.neighbor_tokens,
-            always_keep=self._special_mask(input_ids),
-        )
+        kept = select_tokens(scores, capacity, cfg, self._special_mask(input_ids))
         return Compression(
             text=text_from_spans(text, offsets, kept.tolist()),
             input_ids=input_ids[kept],

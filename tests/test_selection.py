@@ -114,3 +114,19 @@ def test_segments_keep_neighbours_inside_their_own_document():
     assert kept.tolist() == [10, 11, 12]  # not 9, from the document before
     unsegmented = select_prompt_tokens(scores, 3, window_size=0, neighbor_tokens=5)
     assert unsegmented.tolist() == [9, 10, 11]
+
+
+def test_specpc_config_decides_whether_special_tokens_are_kept():
+    from spec_rag.config import SpecPCConfig
+    from spec_rag.specpc import select_tokens
+
+    scores = torch.zeros(40)
+    scores[10] = 1.0  # the only scored token
+    special = torch.zeros(40, dtype=torch.bool)
+    special[[0, 20]] = True
+    cfg = SpecPCConfig(max_capacity_prompt=8, window_size=4, neighbor_tokens=1)
+    kept = select_tokens(scores, 7, cfg, special).tolist()
+    assert kept == [0, 10, 20, 36, 37, 38, 39]
+    off = cfg.model_copy(update={"keep_special_tokens": False})
+    assert select_tokens(scores, 5, off, special).tolist() == [10, 36, 37, 38, 39]
+    assert select_tokens(scores, 5, cfg, special).tolist() == [0, 36, 37, 38, 39]  # specials first

@@ -47,6 +47,7 @@ from spec_rag.profiling import kv_cache_bytes
 from spec_rag.retrieval import BM25
 from spec_rag.scoring import HeadScoreRecorder, enable_scoring, pool_scores
 from spec_rag.selection import select_kv_positions, select_prompt_tokens, streaming_positions
+from spec_rag.specpc import select_tokens
 
 KV_METHODS = ("speckv", "snapkv", "streamingllm", "speckv-pc")
 PROMPT_METHODS = ("specpc", "keep-random", "keep-last", "embed-docs", "bm25-docs", "bm25-sentences")
@@ -391,14 +392,7 @@ class Harness:
             return self._generate(self._engine_for("specpc", budget), ctx.prompt, ctx.sample)
         draft = self._draft_pass(ctx)
         encoded, scores, draft_s = draft.encoded, draft.scores, draft.seconds
-        cfg = self.specpc
-        kept = select_prompt_tokens(
-            scores,
-            budget,
-            window_size=cfg.window_size,
-            neighbor_tokens=cfg.neighbor_tokens,
-            always_keep=encoded.special if cfg.keep_special_tokens else None,
-        )
+        kept = select_tokens(scores, budget, self.specpc, encoded.special)
         outcome = self._answer_kept(ctx, encoded, kept)
         outcome.stats.update(draft_s=draft_s, total_s=outcome.stats["total_s"] + draft_s, shared_draft=True)
         return outcome
