@@ -13,14 +13,12 @@ also prints the score SpecKV got on that sample in an accuracy run.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from spec_rag import SpecPC, SpecPCConfig, get_model
-from spec_rag.bench.methods import _encode
-from spec_rag.bench.tasks import TASKS, generate_sample, render_prompt
-from spec_rag.models import DEFAULT_DRAFT
+from _draft_only import draft_samples, sample_parser
+
+from spec_rag import SpecPCConfig
 
 
 def speckv_scores(path: Path, task: str, length: int, budget: int) -> dict[int, float]:
@@ -34,31 +32,19 @@ def speckv_scores(path: Path, task: str, length: int, budget: int) -> dict[int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--task", default="niah_multikey_3", choices=list(TASKS))
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2])
+    parser = sample_parser(__doc__, "niah_multikey_3")
     parser.add_argument("--results", type=Path, help="an accuracy run's samples.jsonl")
     parser.add_argument("--budget", type=int, default=512, help="SpecKV budget to read from --results")
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
 
     scores = speckv_scores(args.results, args.task, args.length, args.budget) if args.results else {}
-    draft, tokenizer = get_model(args.draft, dtype=args.dtype)
-    compressor = SpecPC(draft, tokenizer, SpecPCConfig())
     right = 0
-    for index in args.indices:
-        sample = generate_sample(args.task, args.length, args.seed, index, tokenizer)
-        encoded = _encode(tokenizer, render_prompt(sample, tokenizer))
+    for compressor, sample, encoded in draft_samples(args, SpecPCConfig()):
         _, lookahead = compressor.score_tokens(encoded.ids, generate_tokens=sample.max_new_tokens)
-        text = tokenizer.decode(lookahead)
+        text = compressor.tokenizer.decode(lookahead)
         found = [answer.lower() in text.lower() for answer in sample.answers]
         right += all(found)
-        speckv = f"  speckv@{args.budget} {scores[index]:.2f}" if index in scores else ""
+        speckv = f"  speckv@{args.budget} {scores[sample.index]:.2f}" if sample.index in scores else ""
         shown = text.strip()[:80]
         line = f"{sample.id}  draft has {sum(found)}/{len(found)} answers{speckv}  lookahead {shown!r}"
         print(line, flush=True)

@@ -13,16 +13,15 @@ them all.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
 import torch
+from _draft_only import draft_samples, sample_parser
 
-from spec_rag import SpecPC, SpecPCConfig, get_model
-from spec_rag.bench.methods import _encode, _Encoded, _kept_text
-from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt
-from spec_rag.models import DEFAULT_DRAFT
+from spec_rag import SpecPCConfig
+from spec_rag.bench.methods import _Encoded, _kept_text
+from spec_rag.bench.tasks import Sample
 from spec_rag.scoring import pool_scores
 from spec_rag.specpc import select_tokens
 
@@ -40,26 +39,14 @@ def answers_kept(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--task", default="niah_multivalue", choices=list(TASKS))
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2])
+    parser = sample_parser(__doc__, "niah_multivalue")
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 1536, 2048])
     parser.add_argument("--step", type=int, default=64)
-    parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
 
-    draft, tokenizer = get_model(args.draft, dtype=args.dtype)
     cfg = SpecPCConfig()
-    compressor = SpecPC(draft, tokenizer, cfg)
     kept_share: dict[int, list[float]] = {b: [] for b in args.budgets}
-    for index in args.indices:
-        sample = generate_sample(args.task, args.length, args.seed, index, tokenizer)
-        encoded = _encode(tokenizer, render_prompt(sample, tokenizer))
+    for compressor, sample, encoded in draft_samples(args, cfg):
         ids = encoded.ids
         start = time.perf_counter()
         raw, _ = compressor.score_tokens(ids)
