@@ -197,7 +197,8 @@ class SpecPC:
         return pool_scores(scores, self.config.kernel_size, self.config.pool_type)
 
     def _special_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        if not self.config.keep_special_tokens or not self._special:
+        """Which tokens are special (``select_tokens`` decides whether that counts)."""
+        if not self._special:
             return None
         return torch.isin(input_ids, torch.tensor(sorted(self._special)))
 

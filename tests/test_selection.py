@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spec_rag.config import SpecPCConfig
 from spec_rag.scoring import pool_scores
 from spec_rag.selection import (
     neighbor_offsets,
@@ -13,6 +14,7 @@ from spec_rag.selection import (
     select_prompt_tokens,
     streaming_positions,
 )
+from spec_rag.specpc import select_tokens
 
 
 @st.composite
@@ -117,9 +119,6 @@ def test_segments_keep_neighbours_inside_their_own_document():
 
 
 def test_specpc_config_decides_whether_special_tokens_are_kept():
-    from spec_rag.config import SpecPCConfig
-    from spec_rag.specpc import select_tokens
-
     scores = torch.zeros(40)
     scores[10] = 1.0  # the only scored token
     special = torch.zeros(40, dtype=torch.bool)

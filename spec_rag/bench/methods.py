@@ -46,7 +46,7 @@ from spec_rag.generation import SamplingParams, forward, keep_cache_positions, n
 from spec_rag.profiling import kv_cache_bytes
 from spec_rag.retrieval import BM25
 from spec_rag.scoring import HeadScoreRecorder, enable_scoring, pool_scores
-from spec_rag.selection import select_kv_positions, select_prompt_tokens, streaming_positions
+from spec_rag.selection import select_kv_positions, streaming_positions
 from spec_rag.specpc import select_tokens
 
 KV_METHODS = ("speckv", "snapkv", "streamingllm", "speckv-pc")
@@ -430,13 +430,8 @@ class Harness:
     def _keep_tokens(self, ctx: SampleContext, budget: int, scores: torch.Tensor, neighbors: int) -> Outcome:
         start = time.perf_counter()
         encoded = self._target_encoding(ctx)
-        kept = select_prompt_tokens(
-            scores,
-            budget,
-            window_size=self.specpc.window_size,
-            neighbor_tokens=neighbors,
-            always_keep=encoded.special if self.specpc.keep_special_tokens else None,
-        )
+        config = self.specpc.model_copy(update={"neighbor_tokens": neighbors})
+        kept = select_tokens(scores, budget, config, encoded.special)
         compress_s = time.perf_counter() - start
         outcome = self._answer_kept(ctx, encoded, kept)
         outcome.stats.update(compress_s=compress_s, total_s=outcome.stats["total_s"] + compress_s)
