@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Iterator
 
 from spec_rag import SpecPC, SpecPCConfig, get_model
-from spec_rag.bench.methods import _encode, _Encoded
+from spec_rag.bench.methods import EncodedPrompt, encode_tokens
 from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt
 from spec_rag.models import DEFAULT_DRAFT
 
@@ -25,11 +25,11 @@ def sample_parser(doc: str | None, task: str) -> argparse.ArgumentParser:
 
 def draft_samples(
     args: argparse.Namespace, config: SpecPCConfig
-) -> Iterator[tuple[SpecPC, Sample, _Encoded]]:
+) -> Iterator[tuple[SpecPC, Sample, EncodedPrompt]]:
     """Load the draft once, then build each chosen sample as the accuracy harness does (sized with
     the draft's tokenizer; the default pair shares one) and encode its prompt."""
     draft, tokenizer = get_model(args.draft, dtype=args.dtype)
     compressor = SpecPC(draft, tokenizer, config)
     for index in args.indices:
         sample = generate_sample(args.task, args.length, args.seed, index, tokenizer)
-        yield compressor, sample, _encode(tokenizer, render_prompt(sample, tokenizer))
+        yield compressor, sample, encode_tokens(tokenizer, render_prompt(sample, tokenizer))

@@ -20,22 +20,22 @@ import torch
 from _draft_only import draft_samples, sample_parser
 
 from spec_rag import SpecPCConfig
-from spec_rag.bench.methods import _Encoded, _kept_text
+from spec_rag.bench.methods import EncodedPrompt, kept_text
 from spec_rag.bench.tasks import Sample
 from spec_rag.scoring import pool_scores
 from spec_rag.specpc import select_tokens
 
 
 def answers_kept(
-    sample: Sample, encoded: _Encoded, scores: torch.Tensor, cfg: SpecPCConfig, budget: int
+    sample: Sample, encoded: EncodedPrompt, scores: torch.Tensor, cfg: SpecPCConfig, budget: int
 ) -> list[bool]:
     """For each expected answer: is it in the prompt text SpecPC keeps at ``budget``?
 
     Encoding, selection and the kept text are the harness's own (``spec_rag.bench.methods``),
     so this measures exactly what the accuracy run's SpecPC rows fed the target."""
     kept = select_tokens(scores, budget, cfg, encoded.special)
-    kept_text = _kept_text(encoded, kept).lower()
-    return [answer.lower() in kept_text for answer in sample.answers]
+    text = kept_text(encoded, kept).lower()
+    return [answer.lower() in text for answer in sample.answers]
 
 
 def main() -> None:

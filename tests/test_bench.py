@@ -13,7 +13,7 @@ from tiny_models import _tokenizer, tiny_model
 
 from spec_rag import SpecEngine
 from spec_rag.bench import Harness, generate_samples, render_prompt, score_answer
-from spec_rag.bench.methods import METHOD_NAMES, _encode, _kept_text
+from spec_rag.bench.methods import METHOD_NAMES, encode_tokens, kept_text
 from spec_rag.bench.report import ACCURACY_PLOT, LATENCY_PLOT, MEMORY_PLOT, REPORT_FILE
 from spec_rag.bench.runner import SAMPLES_FILE, SPEED_FILE, Models, read_jsonl, run_accuracy, run_speed
 from spec_rag.bench.tasks import _VAULT_NAMES, NEEDLE, TASKS, count_tokens, generate_sample
@@ -151,11 +151,11 @@ def test_every_method_answers_within_its_budget(task, tiny_harness, bpe):
 
 def test_kept_text_keeps_the_chat_templates_line_breaks(bpe):
     prompt = render_prompt(generate_sample("rag_qa", 700, 0, 0, bpe), bpe)
-    encoded = _encode(bpe, prompt)
+    encoded = encode_tokens(bpe, prompt)
     everything = torch.arange(encoded.ids.numel())
-    assert _kept_text(encoded, everything) == prompt
+    assert kept_text(encoded, everything) == prompt
     kept = torch.cat([torch.arange(0, 40), torch.arange(300, 340), everything[-30:]])
-    text = _kept_text(encoded, kept)
+    text = kept_text(encoded, kept)
     assert text.endswith("<|im_start|>assistant\n")
     assert len(bpe(text, add_special_tokens=False)["input_ids"]) <= kept.numel() + 2 * 2  # 2 joins
 
@@ -284,12 +284,21 @@ def test_tiny_run_writes_rows_report_and_resumes(tmp_path, bpe, monkeypatch):
         if r["budget"] == 1024
     )
 
+    # SpecKV rows carry the draft's own answer (its lookahead) and that answer's score.
+    draft = SpecEngine(models["d"], bpe)
+    for r in (r for r in rows if r["method"] == "speckv"):
+        sample = generate_sample(r["task"], r["length"], r["seed"], r["index"], bpe)
+        own = draft.generate(render_prompt(sample, bpe), max_new_tokens=4).text
+        assert r["stats"]["lookahead"] == own
+        assert r["stats"]["lookahead_score"] == score_answer(own, r["expected"], r["metric"])
+
     calls.clear()
     run_accuracy(**kwargs)
     assert calls == []
     assert len(read_jsonl(tmp_path / SAMPLES_FILE)) == 16
     report = (tmp_path / REPORT_FILE).read_text()
     assert "| niah_single_1 |" in report and "| vt |" in report and "keep-last@256" in report
+    assert "draft-alone" in report
     assert (tmp_path / ACCURACY_PLOT).stat().st_size > 0
 
 

@@ -92,7 +92,10 @@ class SampleContext:
 
 
 @dataclass(frozen=True)
-class _Encoded:
+class EncodedPrompt:
+    """A rendered prompt in one tokenizer's tokens, with what token-level cuts need to rebuild
+    text from the kept tokens (the benchmark scripts use it too)."""
+
     text: str
     ids: torch.Tensor  # [L]
     offsets: list[tuple[int, int]]
@@ -119,7 +122,7 @@ class _SharedPrefill:
 class _DraftPass:
     """The draft's one pass over a sample's prompt."""
 
-    encoded: _Encoded  # the prompt in draft tokens
+    encoded: EncodedPrompt  # the prompt in draft tokens
     scores: torch.Tensor  # [L]: SpecPC's pooled token scores
     lookahead: list[int] | None  # SpecKV's lookahead (None: vocabularies differ, not written)
     seconds: float
@@ -298,7 +301,10 @@ class Harness:
         gen = engine._complete(ctx.prompt, params, prefill)
         stats = gen.stats
         stats.total_s = stats.draft_s + stats.target_prefill_s + stats.decode_s
-        return Outcome(gen.text, {**stats.to_dict(), "shared_prefill": True})
+        extra: dict[str, Any] = {"shared_prefill": True}
+        if needs_lookahead:  # the draft's own answer, which chose the kept entries
+            extra["lookahead"] = self.tokenizer.decode(shared.lookahead or [], skip_special_tokens=True)
+        return Outcome(gen.text, {**stats.to_dict(), **extra})
 
     def _shared_prefill(self, ctx: SampleContext) -> _SharedPrefill:
         """The target prefills the whole prompt once, recording SnapKV's window scores."""
@@ -404,7 +410,7 @@ class Harness:
         def run() -> _DraftPass:
             start = time.perf_counter()
             pc = SpecPC(self.draft, self.draft_tokenizer, self.specpc)
-            encoded = _encode(self.draft_tokenizer, ctx.prompt)
+            encoded = encode_tokens(self.draft_tokenizer, ctx.prompt)
             n = self._answer_budget(ctx.sample) if self.full.shared_vocabulary else None
             raw, lookahead = pc.score_tokens(encoded.ids, generate_tokens=n)
             scores = pool_scores(raw, self.specpc.kernel_size, self.specpc.pool_type)
@@ -415,16 +421,16 @@ class Harness:
         draft: _DraftPass = ctx.memo("draft", run)
         return draft
 
-    def _answer_kept(self, ctx: SampleContext, encoded: _Encoded, kept: torch.Tensor) -> Outcome:
+    def _answer_kept(self, ctx: SampleContext, encoded: EncodedPrompt, kept: torch.Tensor) -> Outcome:
         """Let the full engine answer the kept tokens (joined as SpecPC joins them)."""
-        prompt = ctx.prompt if kept.numel() == encoded.ids.numel() else _kept_text(encoded, kept)
+        prompt = ctx.prompt if kept.numel() == encoded.ids.numel() else kept_text(encoded, kept)
         outcome = self._generate(self.full, prompt, ctx.sample)
         outcome.stats.update(prompt_tokens=int(encoded.ids.numel()), kept_tokens=int(kept.numel()))
         return outcome
 
     # -- token baselines -----------------------------------------------------------------------
-    def _target_encoding(self, ctx: SampleContext) -> _Encoded:
-        encoded: _Encoded = ctx.memo("target", lambda: _encode(self.tokenizer, ctx.prompt))
+    def _target_encoding(self, ctx: SampleContext) -> EncodedPrompt:
+        encoded: EncodedPrompt = ctx.memo("target", lambda: encode_tokens(self.tokenizer, ctx.prompt))
         return encoded
 
     def _keep_tokens(self, ctx: SampleContext, budget: int, scores: torch.Tensor, neighbors: int) -> Outcome:
@@ -520,15 +526,17 @@ class Harness:
         return outcome
 
 
-def _encode(tokenizer: Any, prompt: str) -> _Encoded:
+def encode_tokens(tokenizer: Any, prompt: str) -> EncodedPrompt:
+    """``prompt`` (already chat-rendered) as the engine encodes it, with character offsets and the
+    special-token mask."""
     enc = encode_prompt(tokenizer, prompt, offsets=True)
     ids = enc["input_ids"]
     special_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
     special = torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype)) if special_ids else ids < 0
-    return _Encoded(enc["text"], ids, list(enc["offsets"]), special)
+    return EncodedPrompt(enc["text"], ids, list(enc["offsets"]), special)
 
 
-def _kept_text(encoded: _Encoded, kept: torch.Tensor) -> str:
+def kept_text(encoded: EncodedPrompt, kept: torch.Tensor) -> str:
     """The kept tokens as text the target re-tokenises into (nearly) the same tokens."""
     return text_from_spans(encoded.text, encoded.offsets, kept.tolist())
 

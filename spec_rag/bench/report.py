@@ -63,6 +63,33 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 # -- accuracy -----------------------------------------------------------------------------------
+DRAFT_ALONE = "draft-alone"
+
+
+def _with_draft_alone(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` plus one ``draft-alone`` row per sample whose SpecKV rows recorded the draft's
+    lookahead: the draft's own greedy answer, scored as the target's answers are. SpecKV keeps
+    what that answer attends to, so this column shows how much the draft already knows."""
+    extra: dict[str, dict[str, Any]] = {}
+    for r in records:
+        stats = r.get("stats") or {}
+        if stats.get("lookahead_score") is None or r["sample_id"] in extra:
+            continue
+        extra[r["sample_id"]] = {
+            **{k: r[k] for k in ("sample_id", "task", "length", "index", "target", "draft")},
+            "method": DRAFT_ALONE,
+            "budget": None,
+            "answer": stats.get("lookahead", ""),
+            "score": stats["lookahead_score"],
+            "stats": {
+                "prompt_tokens": stats.get("prompt_tokens", 0),
+                "draft_s": stats.get("draft_s", 0.0),
+                "total_s": stats.get("draft_s", 0.0),
+            },
+        }
+    return [*records, *extra.values()]
+
+
 def _accuracy_scores(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, int | None], list[float]]:
     scores: dict[tuple[str, str, int | None], list[float]] = defaultdict(list)
     for r in records:
@@ -83,6 +110,7 @@ def _task_average(
 def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
     parts = []
     for (target, draft, length), group in _groups(records).items():
+        group = _with_draft_alone(group)
         scores = _accuracy_scores(group)
         tasks = sorted({r["task"] for r in group})
         columns = _columns(group)
@@ -103,12 +131,15 @@ def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
         methods = list(dict.fromkeys(m for m, _ in columns))
         by_method = []
         for m in methods:
-            if m == "full":
-                value = _fmt(_task_average(scores, tasks, ("full", None)))
+            if (m, None) in columns:  # full and draft-alone do not depend on the budget
+                value = _fmt(_task_average(scores, tasks, (m, None)))
                 by_method.append([m] + [value] * len(budgets))
             else:
                 by_method.append([m] + [_fmt(_task_average(scores, tasks, (m, b))) for b in budgets])
-        parts.append(f"Average over tasks by budget ({length} tokens; `full` keeps everything):\n")
+        note = ""
+        if (DRAFT_ALONE, None) in columns:
+            note = "; `draft-alone`: the draft's own answer, SpecKV's lookahead"
+        parts.append(f"Average over tasks by budget ({length} tokens; `full` keeps everything{note}):\n")
         parts.append(_table(["method", *(str(b) for b in budgets)], by_method) + "\n")
 
         cost_rows = []
@@ -149,14 +180,16 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(6.5 * max(len(groups), 1), 4.5), layout="constrained")
     axes = fig.subplots(1, max(len(groups), 1), squeeze=False)[0]
     for ax, ((target, _draft, length), group) in zip(axes, groups.items(), strict=False):
+        group = _with_draft_alone(group)
         scores = _accuracy_scores(group)
         tasks = sorted({r["task"] for r in group})
         columns = _columns(group)
         for method in dict.fromkeys(m for m, _ in columns):
-            if method == "full":
-                value = _task_average(scores, tasks, ("full", None))
+            if method in ("full", DRAFT_ALONE):
+                value = _task_average(scores, tasks, (method, None))
                 if value is not None:
-                    ax.axhline(value, color="black", linestyle="--", label="full")
+                    style = "--" if method == "full" else ":"
+                    ax.axhline(value, color="black", linestyle=style, label=method)
                 continue
             points = [(b, _task_average(scores, tasks, (method, b))) for m, b in columns if m == method]
             xs = [b for b, v in points if v is not None and b is not None]
