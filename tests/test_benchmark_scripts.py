@@ -1,0 +1,84 @@
+"""The draft-only benchmark scripts (benchmarks/draft_lookahead.py, specpc_retention.py) on a
+tiny saved model: what they print must match what the draft and the harness actually do."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import _tokenizer, tiny_model
+
+from spec_rag import SpecEngine
+from spec_rag.bench.tasks import generate_sample, render_prompt
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+LENGTH = 700
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("draft")
+    tokenizer = _tokenizer(512)
+    tiny_model("qwen2", tokenizer, seed=2, layers=2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _run(script: str, argv: list[str], monkeypatch, capsys) -> str:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    module.main()
+    return capsys.readouterr().out
+
+
+def test_draft_lookahead_prints_the_drafts_own_answer_and_speckvs_score(
+    draft_dir, tmp_path, monkeypatch, capsys
+):
+    results = tmp_path / "samples.jsonl"
+    row = {"task": "niah_single_1", "length": LENGTH, "method": "speckv", "budget": 512, "index": 1}
+    rows = [{**row, "score": 0.0}, {**row, "index": 0, "score": 1.0}]
+    results.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["--task", "niah_single_1", "--length", str(LENGTH), "--indices", "0", "1"]
+    args += ["--draft", str(draft_dir), "--dtype", "float32", "--results", str(results)]
+    out = _run("draft_lookahead", args, monkeypatch, capsys)
+
+    engine = SpecEngine(*_load(draft_dir))
+    lines = [line for line in out.splitlines() if line.startswith("niah_single_1/")]
+    assert len(lines) == 2
+    right = 0
+    for index, line in enumerate(lines):
+        sample = generate_sample("niah_single_1", LENGTH, 0, index, engine.tokenizer)
+        prompt = render_prompt(sample, engine.tokenizer)
+        own = engine.generate(prompt, max_new_tokens=sample.max_new_tokens).text
+        has = sum(a.lower() in own.lower() for a in sample.answers)
+        right += has == len(sample.answers)
+        assert line.startswith(sample.id)
+        assert f"draft has {has}/{len(sample.answers)} answers" in line
+        assert f"speckv@512 {1.0 if index == 0 else 0.0:.2f}" in line
+        assert repr(own.strip()[:80]) in line
+    assert f"holds every answer in {right} of 2 samples" in out
+
+
+def test_specpc_retention_keeps_every_answer_once_the_budget_holds_the_prompt(draft_dir, monkeypatch, capsys):
+    args = ["--task", "niah_multivalue", "--length", str(LENGTH), "--indices", "0"]
+    args += ["--draft", str(draft_dir), "--dtype", "float32", "--budgets", "64", str(LENGTH), "--step", "32"]
+    out = _run("specpc_retention", args, monkeypatch, capsys)
+
+    line = next(line for line in out.splitlines() if line.startswith("niah_multivalue/"))
+    tokens = int(re.search(r"(\d+) tokens", line).group(1))
+    assert tokens <= LENGTH
+    assert f"{LENGTH}: 4/4" in line  # a budget that holds the whole prompt keeps every value
+    smallest = int(re.search(r"smallest budget keeping all: (\d+)", line).group(1))
+    assert 64 <= smallest <= tokens + 32
+    assert f"budget {LENGTH:>5}: 1.000" in out
+
+
+def _load(directory: Path):
+    from spec_rag import get_model
+
+    return get_model(directory, dtype="float32")
