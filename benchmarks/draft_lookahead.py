@@ -41,7 +41,7 @@ def main() -> None:
     right = 0
     for compressor, sample, encoded in draft_samples(args, SpecPCConfig()):
         _, lookahead = compressor.score_tokens(encoded.ids, generate_tokens=sample.max_new_tokens)
-        text = compressor.tokenizer.decode(lookahead)
+        text = compressor.tokenizer.decode(lookahead, skip_special_tokens=True)
         found = [answer.lower() in text.lower() for answer in sample.answers]
         right += all(found)
         speckv = f"  speckv@{args.budget} {scores[sample.index]:.2f}" if sample.index in scores else ""

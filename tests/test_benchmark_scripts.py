@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tiny_models import _tokenizer, tiny_model
 
-from spec_rag import SpecEngine
+from spec_rag import SpecEngine, get_model
 from spec_rag.bench.tasks import generate_sample, render_prompt
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -47,7 +47,7 @@ def test_draft_lookahead_prints_the_drafts_own_answer_and_speckvs_score(
     args += ["--draft", str(draft_dir), "--dtype", "float32", "--results", str(results)]
     out = _run("draft_lookahead", args, monkeypatch, capsys)
 
-    engine = SpecEngine(*_load(draft_dir))
+    engine = SpecEngine(*get_model(draft_dir, dtype="float32"))
     lines = [line for line in out.splitlines() if line.startswith("niah_single_1/")]
     assert len(lines) == 2
     right = 0
@@ -76,9 +76,3 @@ def test_specpc_retention_keeps_every_answer_once_the_budget_holds_the_prompt(dr
     smallest = int(re.search(r"smallest budget keeping all: (\d+)", line).group(1))
     assert 64 <= smallest <= tokens + 32
     assert f"budget {LENGTH:>5}: 1.000" in out
-
-
-def _load(directory: Path):
-    from spec_rag import get_model
-
-    return get_model(directory, dtype="float32")

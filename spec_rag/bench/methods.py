@@ -38,7 +38,7 @@ import torch
 
 from spec_rag import SpecEngine, SpecPC, SpecPCConfig, config_for_method
 from spec_rag._prompt import check_fits, encode_prompt, text_from_spans
-from spec_rag.bench.tasks import Document, Sample, count_tokens, render_prompt
+from spec_rag.bench.tasks import Document, Sample, count_tokens, render_prompt, score_answer
 from spec_rag.config import SnapKVConfig, SpecKVConfig, StreamingLLMConfig
 from spec_rag.engine import GenerationStats
 from spec_rag.errors import InvalidInputError
@@ -302,8 +302,11 @@ class Harness:
         stats = gen.stats
         stats.total_s = stats.draft_s + stats.target_prefill_s + stats.decode_s
         extra: dict[str, Any] = {"shared_prefill": True}
-        if needs_lookahead:  # the draft's own answer, which chose the kept entries
-            extra["lookahead"] = self.tokenizer.decode(shared.lookahead or [], skip_special_tokens=True)
+        if needs_lookahead:  # the draft's own answer, which chose the kept entries, and its score
+            sample = ctx.sample
+            lookahead = self.tokenizer.decode(shared.lookahead or [], skip_special_tokens=True)
+            extra["lookahead"] = lookahead
+            extra["lookahead_score"] = score_answer(lookahead, sample.answers, sample.metric)
         return Outcome(gen.text, {**stats.to_dict(), **extra})
 
     def _shared_prefill(self, ctx: SampleContext) -> _SharedPrefill:

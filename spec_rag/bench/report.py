@@ -185,7 +185,7 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
         tasks = sorted({r["task"] for r in group})
         columns = _columns(group)
         for method in dict.fromkeys(m for m, _ in columns):
-            if method in ("full", DRAFT_ALONE):
+            if (method, None) in columns:  # full and draft-alone do not depend on the budget
                 value = _task_average(scores, tasks, (method, None))
                 if value is not None:
                     style = "--" if method == "full" else ":"

@@ -184,8 +184,6 @@ def run_accuracy(
             else:
                 outcome = harness.run(ctx, method, budget)
                 answer, stats = outcome.answer, outcome.stats
-                if "lookahead" in stats:  # the draft's answer, scored as the target's is
-                    stats["lookahead_score"] = score_answer(stats["lookahead"], sample.answers, sample.metric)
             record = {
                 "key": key_of(sample.id, sha, method, budget),
                 "sample_id": sample.id,
