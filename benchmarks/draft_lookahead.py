@@ -19,6 +19,7 @@ from pathlib import Path
 from _draft_only import draft_samples, sample_parser
 
 from spec_rag import SpecPCConfig
+from spec_rag.bench import score_answer
 
 
 def speckv_scores(path: Path, task: str, length: int, budget: int) -> dict[int, float]:
@@ -42,11 +43,12 @@ def main() -> None:
     for compressor, sample, encoded in draft_samples(args, SpecPCConfig()):
         _, lookahead = compressor.score_tokens(encoded.ids, generate_tokens=sample.max_new_tokens)
         text = compressor.tokenizer.decode(lookahead, skip_special_tokens=True)
-        found = [answer.lower() in text.lower() for answer in sample.answers]
-        right += all(found)
+        share = score_answer(text, sample.answers, "all")  # the harness's match, per answer
+        found = round(share * len(sample.answers))
+        right += share == 1.0
         speckv = f"  speckv@{args.budget} {scores[sample.index]:.2f}" if sample.index in scores else ""
         shown = text.strip()[:80]
-        line = f"{sample.id}  draft has {sum(found)}/{len(found)} answers{speckv}  lookahead {shown!r}"
+        line = f"{sample.id}  draft has {found}/{len(sample.answers)} answers{speckv}  lookahead {shown!r}"
         print(line, flush=True)
     print(f"\ndraft's lookahead holds every answer in {right} of {len(args.indices)} samples")
 

@@ -14,7 +14,7 @@ from tiny_models import _tokenizer, tiny_model
 from spec_rag import SpecEngine
 from spec_rag.bench import Harness, generate_samples, render_prompt, score_answer
 from spec_rag.bench.methods import METHOD_NAMES, encode_tokens, kept_text
-from spec_rag.bench.report import ACCURACY_PLOT, LATENCY_PLOT, MEMORY_PLOT, REPORT_FILE
+from spec_rag.bench.report import ACCURACY_PLOT, LATENCY_PLOT, MEMORY_PLOT, REPORT_FILE, write_report
 from spec_rag.bench.runner import SAMPLES_FILE, SPEED_FILE, Models, read_jsonl, run_accuracy, run_speed
 from spec_rag.bench.tasks import _VAULT_NAMES, NEEDLE, TASKS, count_tokens, generate_sample
 from spec_rag.errors import InvalidInputError
@@ -326,6 +326,38 @@ def test_tiny_speed_run_reports_ratios_against_full(tmp_path, bpe):
     report = (tmp_path / REPORT_FILE).read_text()
     assert "x full" in report and "streamingllm@128" in report
     assert (tmp_path / LATENCY_PLOT).exists() and (tmp_path / MEMORY_PLOT).exists()
+
+
+def test_report_compares_a_partial_run_on_the_samples_every_cell_holds(tmp_path):
+    def row(sample: str, task: str, method: str, budget: int | None, score: float) -> dict:
+        return {
+            "sample_id": sample, "task": task, "length": 4096, "index": 0, "target": "t",
+            "draft": "d" if method == "specpc" else None, "method": method, "budget": budget,
+            "answer": "", "score": score, "stats": {"prompt_tokens": 4000, "total_s": 1.0},
+        }  # fmt: skip
+
+    rows = [
+        row("a", "vt", "full", None, 1.0),
+        row("b", "cwe", "full", None, 0.0),
+        row("a", "vt", "specpc", 1024, 1.0),
+        row("b", "cwe", "specpc", 1024, 0.0),
+        row("a", "vt", "specpc", 512, 0.5),  # the 512 budget was run on sample a only
+    ]
+    (tmp_path / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(tmp_path).read_text()
+    tables = [t for t in report.split("\n\n") if t.startswith("| method | 512 | 1024 |")]
+    # All samples: each cell its own average (not comparable across budgets) ...
+    assert "| full | 50.0 | 50.0 |" in tables[0] and "| specpc | 50.0 | 50.0 |" in tables[0]
+    # ... and the same cells on sample a alone, which every cell holds.
+    assert "the 1 samples that every method and budget answered (1 of 2 tasks)" in report
+    assert "| full | 100.0 | 100.0 |" in tables[1] and "| specpc | 50.0 | 100.0 |" in tables[1]
+
+    # Once every cell holds the same samples, there is nothing to match.
+    rows.append(row("b", "cwe", "specpc", 512, 0.0))
+    (tmp_path / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(tmp_path).read_text()
+    assert "every method and budget answered" not in report
+    assert (tmp_path / ACCURACY_PLOT).stat().st_size > 0
 
 
 # -- the real small model ------------------------------------------------------------------------

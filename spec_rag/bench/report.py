@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -107,44 +108,97 @@ def _task_average(
     return mean(means) if means else None
 
 
+@dataclass
+class _Cells:
+    """One (target, draft, length) group's accuracy records, prepared once for tables and plots."""
+
+    target: str
+    draft: str | None
+    length: int
+    records: list[dict[str, Any]]
+    scores: dict[tuple[str, str, int | None], list[float]] = field(init=False)
+    tasks: list[str] = field(init=False)
+    columns: list[tuple[str, int | None]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scores = _accuracy_scores(self.records)
+        self.tasks = sorted({r["task"] for r in self.records})
+        self.columns = _columns(self.records)
+
+    def average(self, column: tuple[str, int | None]) -> float | None:
+        return _task_average(self.scores, self.tasks, column)
+
+    def matched(self) -> _Cells | None:
+        """The same cells on only the samples that every method and budget answered, when some
+        cells hold fewer samples than others (a partial run): averages over different samples
+        are not comparable, these are. ``None`` when every cell holds the same samples, or when
+        no sample is common to all."""
+        answered: dict[tuple[str, int | None], set[str]] = defaultdict(set)
+        for r in self.records:
+            if r["method"] != DRAFT_ALONE:  # derived from SpecKV's rows, not run on its own
+                answered[(r["method"], r["budget"])].add(r["sample_id"])
+        common = set.intersection(*answered.values()) if answered else set()
+        if not common or all(ids == common for ids in answered.values()):
+            return None
+        kept = [r for r in self.records if r["sample_id"] in common]
+        return _Cells(self.target, self.draft, self.length, kept)
+
+    def by_budget(self) -> tuple[list[int], list[list[str]]]:
+        """Budgets, and per method its task-averaged score at each."""
+        budgets = sorted({b for _, b in self.columns if b is not None})
+        rows = []
+        for m in dict.fromkeys(m for m, _ in self.columns):
+            if (m, None) in self.columns:  # full and draft-alone do not depend on the budget
+                rows.append([m] + [_fmt(self.average((m, None)))] * len(budgets))
+            else:
+                rows.append([m] + [_fmt(self.average((m, b))) for b in budgets])
+        return budgets, rows
+
+
+def _accuracy_cells(records: Sequence[dict[str, Any]]) -> list[_Cells]:
+    return [
+        _Cells(target, draft, length, _with_draft_alone(group))
+        for (target, draft, length), group in _groups(records).items()
+    ]
+
+
 def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
     parts = []
-    for (target, draft, length), group in _groups(records).items():
-        group = _with_draft_alone(group)
-        scores = _accuracy_scores(group)
-        tasks = sorted({r["task"] for r in group})
-        columns = _columns(group)
+    for cells in _accuracy_cells(records):
+        scores, tasks, columns, length = cells.scores, cells.tasks, cells.columns, cells.length
         samples = max(len(v) for v in scores.values())
         parts.append(
-            f"### Accuracy at {length} tokens: target `{target}`"
-            + (f", draft `{draft}`" if draft else "")
+            f"### Accuracy at {length} tokens: target `{cells.target}`"
+            + (f", draft `{cells.draft}`" if cells.draft else "")
             + f" (score x100, RULER string match, up to {samples} samples per cell)\n"
         )
         rows = [
             [t] + [_fmt(100 * mean(scores[(t, *c)])) if scores.get((t, *c)) else "–" for c in columns]
             for t in tasks
         ]
-        rows.append(["**average**"] + [f"**{_fmt(_task_average(scores, tasks, c))}**" for c in columns])
+        rows.append(["**average**"] + [f"**{_fmt(cells.average(c))}**" for c in columns])
         parts.append(_table(["task", *(_label(*c) for c in columns)], rows) + "\n")
 
-        budgets = sorted({b for _, b in columns if b is not None})
-        methods = list(dict.fromkeys(m for m, _ in columns))
-        by_method = []
-        for m in methods:
-            if (m, None) in columns:  # full and draft-alone do not depend on the budget
-                value = _fmt(_task_average(scores, tasks, (m, None)))
-                by_method.append([m] + [value] * len(budgets))
-            else:
-                by_method.append([m] + [_fmt(_task_average(scores, tasks, (m, b))) for b in budgets])
         note = ""
         if (DRAFT_ALONE, None) in columns:
             note = "; `draft-alone`: the draft's own answer, SpecKV's lookahead"
+        budgets, by_method = cells.by_budget()
         parts.append(f"Average over tasks by budget ({length} tokens; `full` keeps everything{note}):\n")
         parts.append(_table(["method", *(str(b) for b in budgets)], by_method) + "\n")
+        matched = cells.matched()
+        if matched is not None:
+            n = len({r["sample_id"] for r in matched.records})
+            budgets, by_method = matched.by_budget()
+            parts.append(
+                f"The cells above hold different samples (a partial run). The same averages on only the "
+                f"{n} samples that every method and budget answered ({len(matched.tasks)} of "
+                f"{len(tasks)} tasks):\n"
+            )
+            parts.append(_table(["method", *(str(b) for b in budgets)], by_method) + "\n")
 
         cost_rows = []
         for c in columns:
-            rs = [r for r in group if (r["method"], r["budget"]) == c]
+            rs = [r for r in cells.records if (r["method"], r["budget"]) == c]
             stats = [r["stats"] for r in rs]
             cost_rows.append(
                 [
@@ -174,24 +228,28 @@ def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """One panel per group; a group whose cells hold different samples gets a second panel on
+    the samples they all hold."""
     from matplotlib.figure import Figure
 
-    groups = _groups(records)
-    fig = Figure(figsize=(6.5 * max(len(groups), 1), 4.5), layout="constrained")
-    axes = fig.subplots(1, max(len(groups), 1), squeeze=False)[0]
-    for ax, ((target, _draft, length), group) in zip(axes, groups.items(), strict=False):
-        group = _with_draft_alone(group)
-        scores = _accuracy_scores(group)
-        tasks = sorted({r["task"] for r in group})
-        columns = _columns(group)
-        for method in dict.fromkeys(m for m, _ in columns):
-            if (method, None) in columns:  # full and draft-alone do not depend on the budget
-                value = _task_average(scores, tasks, (method, None))
+    panels: list[tuple[_Cells, str]] = []
+    for cells in _accuracy_cells(records):
+        panels.append((cells, f"{cells.target} @ {cells.length} tokens"))
+        matched = cells.matched()
+        if matched is not None:
+            n = len({r["sample_id"] for r in matched.records})
+            panels.append((matched, f"@ {cells.length} tokens: the {n} samples every point has"))
+    fig = Figure(figsize=(6.5 * max(len(panels), 1), 4.5), layout="constrained")
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (cells, title) in zip(axes, panels, strict=False):
+        for method in dict.fromkeys(m for m, _ in cells.columns):
+            if (method, None) in cells.columns:  # full and draft-alone do not depend on the budget
+                value = cells.average((method, None))
                 if value is not None:
                     style = "--" if method == "full" else ":"
                     ax.axhline(value, color="black", linestyle=style, label=method)
                 continue
-            points = [(b, _task_average(scores, tasks, (method, b))) for m, b in columns if m == method]
+            points = [(b, cells.average((m, b))) for m, b in cells.columns if m == method]
             xs = [b for b, v in points if v is not None and b is not None]
             ys = [v for b, v in points if v is not None and b is not None]
             ax.plot(xs, ys, marker="o", label=method)
@@ -199,7 +257,7 @@ def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("budget (tokens / KV entries)")
         ax.set_ylabel("accuracy (avg over tasks, x100)")
         ax.set_ylim(-2, 102)
-        ax.set_title(f"{target} @ {length} tokens")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
