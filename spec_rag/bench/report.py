@@ -1,7 +1,8 @@
 """Markdown tables and plots from the JSON lines a run wrote (regenerated after every run).
 
 ``results.md``: accuracy per task and method@budget with the average over tasks, the average
-by method and budget, what each method cost, and the speed table with ratios against ``full``.
+by method and budget (and, when cells hold different samples, the same on the samples they all
+hold), what each method cost, and the speed table with ratios against ``full``.
 Plots (matplotlib's Agg canvas; no display and no global backend switch): accuracy vs budget,
 latency vs prompt length, peak memory and KV cache vs prompt length.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -91,23 +93,6 @@ def _with_draft_alone(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     return [*records, *extra.values()]
 
 
-def _accuracy_scores(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, int | None], list[float]]:
-    scores: dict[tuple[str, str, int | None], list[float]] = defaultdict(list)
-    for r in records:
-        scores[(r["task"], r["method"], r["budget"])].append(float(r["score"]))
-    return scores
-
-
-def _task_average(
-    scores: dict[tuple[str, str, int | None], list[float]],
-    tasks: Sequence[str],
-    column: tuple[str, int | None],
-) -> float | None:
-    """Macro average over tasks (each task's mean counts once)."""
-    means = [100 * mean(scores[(t, *column)]) for t in tasks if scores.get((t, *column))]
-    return mean(means) if means else None
-
-
 @dataclass
 class _Cells:
     """One (target, draft, length) group's accuracy records, prepared once for tables and plots."""
@@ -121,13 +106,22 @@ class _Cells:
     columns: list[tuple[str, int | None]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.scores = _accuracy_scores(self.records)
+        self.scores = defaultdict(list)
+        for r in self.records:
+            self.scores[(r["task"], r["method"], r["budget"])].append(float(r["score"]))
         self.tasks = sorted({r["task"] for r in self.records})
         self.columns = _columns(self.records)
 
-    def average(self, column: tuple[str, int | None]) -> float | None:
-        return _task_average(self.scores, self.tasks, column)
+    @property
+    def sample_count(self) -> int:
+        return len({r["sample_id"] for r in self.records})
 
+    def average(self, column: tuple[str, int | None]) -> float | None:
+        """Macro average over tasks (each task's mean counts once)."""
+        means = [100 * mean(self.scores[(t, *column)]) for t in self.tasks if self.scores.get((t, *column))]
+        return mean(means) if means else None
+
+    @cached_property
     def matched(self) -> _Cells | None:
         """The same cells on only the samples that every method and budget answered, when some
         cells hold fewer samples than others (a partial run): averages over different samples
@@ -162,9 +156,9 @@ def _accuracy_cells(records: Sequence[dict[str, Any]]) -> list[_Cells]:
     ]
 
 
-def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
+def accuracy_markdown(groups: Sequence[_Cells]) -> str:
     parts = []
-    for cells in _accuracy_cells(records):
+    for cells in groups:
         scores, tasks, columns, length = cells.scores, cells.tasks, cells.columns, cells.length
         samples = max(len(v) for v in scores.values())
         parts.append(
@@ -185,14 +179,13 @@ def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
         budgets, by_method = cells.by_budget()
         parts.append(f"Average over tasks by budget ({length} tokens; `full` keeps everything{note}):\n")
         parts.append(_table(["method", *(str(b) for b in budgets)], by_method) + "\n")
-        matched = cells.matched()
+        matched = cells.matched
         if matched is not None:
-            n = len({r["sample_id"] for r in matched.records})
             budgets, by_method = matched.by_budget()
             parts.append(
-                f"The cells above hold different samples (a partial run). The same averages on only the "
-                f"{n} samples that every method and budget answered ({len(matched.tasks)} of "
-                f"{len(tasks)} tasks):\n"
+                "The cells above hold different samples (a partial run). The same averages on only the "
+                f"{matched.sample_count} samples that every method and budget answered "
+                f"({len(matched.tasks)} of {len(tasks)} tasks):\n"
             )
             parts.append(_table(["method", *(str(b) for b in budgets)], by_method) + "\n")
 
@@ -227,18 +220,18 @@ def accuracy_markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def plot_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
+def plot_accuracy(groups: Sequence[_Cells], path: Path) -> None:
     """One panel per group; a group whose cells hold different samples gets a second panel on
     the samples they all hold."""
     from matplotlib.figure import Figure
 
     panels: list[tuple[_Cells, str]] = []
-    for cells in _accuracy_cells(records):
+    for cells in groups:
         panels.append((cells, f"{cells.target} @ {cells.length} tokens"))
-        matched = cells.matched()
+        matched = cells.matched
         if matched is not None:
-            n = len({r["sample_id"] for r in matched.records})
-            panels.append((matched, f"@ {cells.length} tokens: the {n} samples every point has"))
+            title = f"@ {cells.length} tokens: the {matched.sample_count} samples every point has"
+            panels.append((matched, title))
     fig = Figure(figsize=(6.5 * max(len(panels), 1), 4.5), layout="constrained")
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     for ax, (cells, title) in zip(axes, panels, strict=False):
@@ -386,8 +379,9 @@ def write_report(out_dir: str | Path) -> Path:
     if accuracy:
         sections.append("## Accuracy\n")
         sections.append(f"![accuracy vs budget]({ACCURACY_PLOT})\n")
-        sections.append(accuracy_markdown(accuracy))
-        plot_accuracy(accuracy, out / ACCURACY_PLOT)
+        groups = _accuracy_cells(accuracy)
+        sections.append(accuracy_markdown(groups))
+        plot_accuracy(groups, out / ACCURACY_PLOT)
     if speed:
         sections.append("## Speed\n")
         sections.append(f"![latency vs length]({LATENCY_PLOT})\n\n![memory vs length]({MEMORY_PLOT})\n")
