@@ -6,8 +6,7 @@ import argparse
 from collections.abc import Iterator
 
 from spec_rag import SpecPC, SpecPCConfig, get_model
-from spec_rag.bench.methods import EncodedPrompt, encode_tokens
-from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt
+from spec_rag.bench import TASKS, EncodedPrompt, Sample, encode_tokens, generate_sample, render_prompt
 from spec_rag.models import DEFAULT_DRAFT
 
 

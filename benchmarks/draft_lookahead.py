@@ -43,9 +43,8 @@ def main() -> None:
     for compressor, sample, encoded in draft_samples(args, SpecPCConfig()):
         _, lookahead = compressor.score_tokens(encoded.ids, generate_tokens=sample.max_new_tokens)
         text = compressor.tokenizer.decode(lookahead, skip_special_tokens=True)
-        share = score_answer(text, sample.answers, "all")  # the harness's match, per answer
-        found = round(share * len(sample.answers))
-        right += share == 1.0
+        found = sum(score_answer(text, [answer], "all") == 1.0 for answer in sample.answers)  # harness match
+        right += found == len(sample.answers)
         speckv = f"  speckv@{args.budget} {scores[sample.index]:.2f}" if sample.index in scores else ""
         shown = text.strip()[:80]
         line = f"{sample.id}  draft has {found}/{len(sample.answers)} answers{speckv}  lookahead {shown!r}"

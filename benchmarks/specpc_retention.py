@@ -20,8 +20,7 @@ import torch
 from _draft_only import draft_samples, sample_parser
 
 from spec_rag import SpecPCConfig
-from spec_rag.bench.methods import EncodedPrompt, kept_text
-from spec_rag.bench.tasks import Sample
+from spec_rag.bench import EncodedPrompt, Sample, kept_text
 from spec_rag.scoring import pool_scores
 from spec_rag.specpc import select_tokens
 

@@ -7,17 +7,21 @@ answers a sample at a budget), ``runner`` (resumable runs writing ``samples.json
 ``report`` (markdown tables and plots).
 """
 
-from spec_rag.bench.methods import METHOD_NAMES, Harness, Outcome
+from spec_rag.bench.methods import METHOD_NAMES, EncodedPrompt, Harness, Outcome, encode_tokens, kept_text
 from spec_rag.bench.runner import run_accuracy, run_speed
-from spec_rag.bench.tasks import TASKS, Sample, generate_samples, render_prompt, score_answer
+from spec_rag.bench.tasks import TASKS, Sample, generate_sample, generate_samples, render_prompt, score_answer
 
 __all__ = [
     "METHOD_NAMES",
     "TASKS",
+    "EncodedPrompt",
     "Harness",
     "Outcome",
     "Sample",
+    "encode_tokens",
+    "generate_sample",
     "generate_samples",
+    "kept_text",
     "render_prompt",
     "run_accuracy",
     "run_speed",
