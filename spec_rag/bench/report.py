@@ -227,11 +227,13 @@ def plot_accuracy(groups: Sequence[_Cells], path: Path) -> None:
 
     panels: list[tuple[_Cells, str]] = []
     for cells in groups:
-        panels.append((cells, f"{cells.target} @ {cells.length} tokens"))
+        title = f"{cells.target} @ {cells.length} tokens"
         matched = cells.matched
-        if matched is not None:
-            title = f"@ {cells.length} tokens: the {matched.sample_count} samples every point has"
-            panels.append((matched, title))
+        if matched is None:
+            panels.append((cells, title))
+        else:  # the first panel's points stand on different samples; say so
+            panels.append((cells, f"{title}\neach point on every sample it has"))
+            panels.append((matched, f"{title}\nthe {matched.sample_count} samples every point has"))
     fig = Figure(figsize=(6.5 * max(len(panels), 1), 4.5), layout="constrained")
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     for ax, (cells, title) in zip(axes, panels, strict=False):
