@@ -8,7 +8,8 @@ builds the benchmark's samples (sized with the draft's tokenizer; the default pa
 one), scores each prompt once with the draft (the harness's SpecPC
 settings), cuts it at every ``--budgets`` value and checks which expected answers are still
 in the kept text. It also finds the smallest budget (in steps of ``--step`` tokens) that keeps
-them all.
+them all. ``--kernels 64 32 16`` compares pool widths (each with as many neighbour tokens) on
+the same draft pass.
 """
 
 from __future__ import annotations
@@ -41,34 +42,42 @@ def main() -> None:
     parser = sample_parser(__doc__, "niah_multivalue")
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 1536, 2048])
     parser.add_argument("--step", type=int, default=64)
+    parser.add_argument(
+        "--kernels",
+        type=int,
+        nargs="+",
+        default=[SpecPCConfig().kernel_size],
+        help="pool widths to compare, each with neighbor_tokens equal to it (one draft pass serves all)",
+    )
     args = parser.parse_args()
 
-    cfg = SpecPCConfig()
-    kept_share: dict[int, list[float]] = {b: [] for b in args.budgets}
-    for compressor, sample, encoded in draft_samples(args, cfg):
+    configs = {k: SpecPCConfig(kernel_size=k, neighbor_tokens=k) for k in args.kernels}
+    kept_share: dict[tuple[int, int], list[float]] = {(k, b): [] for k in configs for b in args.budgets}
+    for compressor, sample, encoded in draft_samples(args, SpecPCConfig()):
         ids = encoded.ids
         start = time.perf_counter()
         raw, _ = compressor.score_tokens(ids)
         draft_s = time.perf_counter() - start
-        scores = pool_scores(raw, cfg.kernel_size, cfg.pool_type)
-        survivors = functools.partial(answers_kept, sample, encoded, scores, cfg)
-
-        row = []
-        for budget in args.budgets:
-            found = survivors(budget)
-            kept_share[budget].append(sum(found) / len(found))
-            row.append(f"{budget}: {sum(found)}/{len(found)}")
-        smallest = next(
-            (b for b in range(cfg.window_size, ids.numel() + args.step, args.step) if all(survivors(b))), None
-        )
-        print(
-            f"{sample.id}  {ids.numel()} tokens  draft {draft_s:.1f}s  kept answers  {'  '.join(row)}  "
-            f"smallest budget keeping all: {smallest}",
-            flush=True,
-        )
+        for kernel, cfg in configs.items():
+            scores = pool_scores(raw, cfg.kernel_size, cfg.pool_type)
+            survivors = functools.partial(answers_kept, sample, encoded, scores, cfg)
+            row = []
+            for budget in args.budgets:
+                found = survivors(budget)
+                kept_share[(kernel, budget)].append(sum(found) / len(found))
+                row.append(f"{budget}: {sum(found)}/{len(found)}")
+            steps = range(cfg.window_size, ids.numel() + args.step, args.step)
+            smallest = next((b for b in steps if all(survivors(b))), None)
+            label = f"  kernel {kernel}" if len(configs) > 1 else ""
+            print(
+                f"{sample.id}{label}  {ids.numel()} tokens  draft {draft_s:.1f}s  kept answers  "
+                f"{'  '.join(row)}  smallest budget keeping all: {smallest}",
+                flush=True,
+            )
     print("\nshare of expected answers in the kept text, mean over samples:")
-    for budget, shares in kept_share.items():
-        print(f"  budget {budget:>5}: {sum(shares) / len(shares):.3f}")
+    for (kernel, budget), shares in kept_share.items():
+        label = f"kernel {kernel:>3}  " if len(configs) > 1 else ""
+        print(f"  {label}budget {budget:>5}: {sum(shares) / len(shares):.3f}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from tiny_models import _tokenizer, tiny_model
 
-from spec_rag import SpecEngine, get_model
-from spec_rag.bench.tasks import generate_sample, render_prompt
+from spec_rag import SpecEngine, SpecPC, SpecPCConfig, get_model
+from spec_rag.bench import encode_tokens, generate_sample, kept_text, render_prompt
+from spec_rag.scoring import pool_scores
+from spec_rag.specpc import select_tokens
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 LENGTH = 700
@@ -76,3 +78,25 @@ def test_specpc_retention_keeps_every_answer_once_the_budget_holds_the_prompt(dr
     smallest = int(re.search(r"smallest budget keeping all: (\d+)", line).group(1))
     assert 64 <= smallest <= tokens + 32
     assert f"budget {LENGTH:>5}: 1.000" in out
+
+
+def test_specpc_retention_compares_kernels_on_one_draft_pass(draft_dir, monkeypatch, capsys):
+    args = ["--task", "niah_multivalue", "--length", str(LENGTH), "--indices", "0"]
+    args += ["--draft", str(draft_dir), "--dtype", "float32", "--budgets", "256", "--kernels", "64", "4"]
+    out = _run("specpc_retention", args, monkeypatch, capsys)
+
+    draft, tokenizer = get_model(draft_dir, dtype="float32")
+    sample = generate_sample("niah_multivalue", LENGTH, 0, 0, tokenizer)
+    encoded = encode_tokens(tokenizer, render_prompt(sample, tokenizer))
+    raw, _ = SpecPC(draft, tokenizer, SpecPCConfig()).score_tokens(encoded.ids)
+    counts = []
+    for kernel in (64, 4):
+        cfg = SpecPCConfig(kernel_size=kernel, neighbor_tokens=kernel)
+        kept = select_tokens(pool_scores(raw, kernel, cfg.pool_type), 256, cfg, encoded.special)
+        text = kept_text(encoded, kept).lower()
+        found = sum(answer.lower() in text for answer in sample.answers)
+        line = next(line for line in out.splitlines() if line.startswith(f"{sample.id}  kernel {kernel} "))
+        assert f"256: {found}/{len(sample.answers)}" in line
+        assert f"kernel {kernel:>3}  budget   256: {found / len(sample.answers):.3f}" in out
+        counts.append(found)
+    assert counts[0] != counts[1]  # the widths select differently here, so a script ignoring --kernels fails
