@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import _tokenizer, tiny_model
 
-from spec_rag import SpecEngine
+from spec_rag import SpecEngine, SpecPCConfig
 from spec_rag.bench import Harness, generate_samples, render_prompt, score_answer
 from spec_rag.bench.methods import METHOD_NAMES, encode_tokens, kept_text
 from spec_rag.bench.report import ACCURACY_PLOT, LATENCY_PLOT, MEMORY_PLOT, REPORT_FILE, write_report
@@ -397,3 +397,41 @@ def test_smollm2_smoke_run_and_resume(tmp_path: Path, monkeypatch):
     report = (tmp_path / REPORT_FILE).read_text()
     assert "| niah_single_1 |" in report and "| rag_qa |" in report and "specpc@256" in report
     assert (tmp_path / ACCURACY_PLOT).stat().st_size > 0
+
+
+def test_specpc_kernel_is_recorded_and_a_run_with_another_kernel_needs_its_own_directory(tmp_path, bpe):
+    models = {
+        "t": tiny_model("qwen2", bpe, seed=1, layers=2),
+        "d": tiny_model("qwen2", bpe, seed=2, layers=2),
+    }
+    spec = Models(target="t", draft="d", load=lambda name: (models[name], bpe))
+    kwargs = dict(
+        tasks=["niah_single_1"],
+        lengths=[700],
+        methods=["specpc", "keep-random"],
+        samples=1,
+        seed=3,
+        models=spec,
+        kv_budgets=[128],
+        prompt_budgets=[256],
+        progress=False,
+        report=False,
+    )
+    narrow = {"max_new_tokens": 4, "specpc": SpecPCConfig(kernel_size=8, neighbor_tokens=8)}
+    run_accuracy(out_dir=tmp_path / "default", harness_options={"max_new_tokens": 4}, **kwargs)
+    before = (tmp_path / "default" / SAMPLES_FILE).read_text()
+    with pytest.raises(InvalidInputError, match=r"kernel_size/neighbor_tokens 64/64.*8/8.*fresh --out"):
+        run_accuracy(out_dir=tmp_path / "default", harness_options=narrow, **kwargs)
+    assert (tmp_path / "default" / SAMPLES_FILE).read_text() == before  # nothing appended
+
+    run_accuracy(out_dir=tmp_path / "narrow", harness_options=narrow, **kwargs)
+    rows = read_jsonl(tmp_path / "narrow" / SAMPLES_FILE)
+    assert {(r["method"], r["stats"]["kernel_size"], r["stats"]["neighbor_tokens"]) for r in rows} == {
+        ("specpc", 8, 8),
+        ("keep-random", 8, 8),
+    }
+    # The narrow rows resume in their own directory; the default rows still refuse a third width.
+    run_accuracy(out_dir=tmp_path / "narrow", harness_options=narrow, **kwargs)
+    assert len(read_jsonl(tmp_path / "narrow" / SAMPLES_FILE)) == 2
+    with pytest.raises(InvalidInputError):
+        run_accuracy(out_dir=tmp_path / "narrow", harness_options={"max_new_tokens": 4}, **kwargs)

@@ -27,7 +27,13 @@ def _models(args: argparse.Namespace) -> Models:
 
 
 def _harness_options(args: argparse.Namespace) -> dict[str, Any]:
+    specpc = None
+    if args.specpc_kernel is not None:
+        from spec_rag import SpecPCConfig
+
+        specpc = SpecPCConfig(kernel_size=args.specpc_kernel, neighbor_tokens=args.specpc_kernel)
     return {
+        "specpc": specpc,
         "cascade_factor": args.cascade_factor,
         "share_specpc": not args.no_share_specpc,
         "share_prefill": not args.no_share_prefill,
@@ -100,6 +106,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         help="SpecKV-PC keeps this many times its cache budget as prompt tokens (default 2)",
+    )
+    parser.add_argument(
+        "--specpc-kernel",
+        type=int,
+        default=None,
+        help="SpecPC's pool width and neighbour tokens, both (default 64, the paper's Qwen setting); "
+        "keep-random's spans follow it. Write runs with another width to their own --out",
     )
     parser.add_argument(
         "--threads",

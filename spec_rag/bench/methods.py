@@ -53,6 +53,8 @@ KV_METHODS = ("speckv", "snapkv", "streamingllm", "speckv-pc")
 PROMPT_METHODS = ("specpc", "keep-random", "keep-last", "embed-docs", "bm25-docs", "bm25-sentences")
 METHOD_NAMES = ("full", *KV_METHODS, *PROMPT_METHODS)
 DRAFT_METHODS = ("speckv", "speckv-pc", "specpc")
+# Methods whose answers depend on the SpecPC pool width and neighbourhood (``Harness.specpc``).
+SPECPC_SHAPED = ("specpc", "keep-random")
 SHARED_PREFILL_METHODS = ("full", "speckv", "snapkv", "streamingllm")
 
 
@@ -253,6 +255,10 @@ class Harness:
             )
         outcome = self._runners[method](context, method, None if family == "full" else budget)
         outcome.stats["method"] = method  # prompt methods answer through the full engine
+        if method in SPECPC_SHAPED:
+            outcome.stats.update(
+                kernel_size=self.specpc.kernel_size, neighbor_tokens=self.specpc.neighbor_tokens
+            )
         outcome.stats["kv_cache_bytes"] = kv_cache_bytes(self.target, int(outcome.stats["kv_cache_tokens"]))
         return outcome
 

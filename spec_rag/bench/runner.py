@@ -19,7 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from spec_rag.bench.methods import DRAFT_METHODS, Harness, SampleContext, method_family
+from spec_rag import SpecPCConfig
+from spec_rag.bench.methods import DRAFT_METHODS, SPECPC_SHAPED, Harness, SampleContext, method_family
 from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt, score_answer
 from spec_rag.errors import InvalidInputError
 from spec_rag.profiling import PeakMemory, release_memory, rss_bytes
@@ -89,6 +90,29 @@ def _check_names(tasks: Sequence[str], methods: Sequence[str]) -> None:
         method_family(method)
 
 
+def _check_specpc_settings(
+    records: Iterable[dict[str, Any]], methods: Sequence[str], options: dict[str, Any]
+) -> None:
+    """Refuse to add SpecPC-shaped rows to a directory whose rows of the same method used another
+    pool width or neighbourhood: resuming would skip them, and the report would average both."""
+    config = options.get("specpc") or SpecPCConfig()
+    default = SpecPCConfig()
+    wanted = (config.kernel_size, config.neighbor_tokens)
+    for r in records:
+        stats = r.get("stats", {})
+        if r.get("method") not in SPECPC_SHAPED or r["method"] not in methods or stats.get("same_as_full"):
+            continue  # a reused full answer does not depend on the settings
+        found = (
+            stats.get("kernel_size", default.kernel_size),
+            stats.get("neighbor_tokens", default.neighbor_tokens),
+        )
+        if found != wanted:
+            raise InvalidInputError(
+                f"the results here ran {r['method']} with kernel_size/neighbor_tokens {found[0]}/{found[1]}, "
+                f"this run asks for {wanted[0]}/{wanted[1]}; write to a fresh --out directory to compare."
+            )
+
+
 class _Session:
     """Loads models on first need and builds the harness around them."""
 
@@ -139,7 +163,9 @@ def run_accuracy(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SAMPLES_FILE
-    done = {r["key"]: r for r in read_jsonl(path) if "key" in r}
+    existing = read_jsonl(path)
+    _check_specpc_settings(existing, methods, harness_options or {})
+    done = {r["key"]: r for r in existing if "key" in r}
     session = _Session(models, harness_options or {})
     tokenizer = session.tokenizer
     # Full first, so that methods whose budget holds the whole prompt can reuse its answer.
@@ -257,7 +283,9 @@ def run_speed(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SPEED_FILE
-    done = {r["key"] for r in read_jsonl(path) if "key" in r}
+    existing = read_jsonl(path)
+    _check_specpc_settings(existing, methods, harness_options or {})
+    done = {r["key"] for r in existing if "key" in r}
     session = _Session(models, {**(harness_options or {}), "share_prefill": False, "share_specpc": False})
     need_draft = any(m in DRAFT_METHODS for m in methods)
 
