@@ -435,3 +435,33 @@ def test_specpc_kernel_is_recorded_and_a_run_with_another_kernel_needs_its_own_d
     assert len(read_jsonl(tmp_path / "narrow" / SAMPLES_FILE)) == 2
     with pytest.raises(InvalidInputError):
         run_accuracy(out_dir=tmp_path / "narrow", harness_options={"max_new_tokens": 4}, **kwargs)
+
+
+def test_a_run_killed_mid_write_loses_only_the_cut_answer(tmp_path, bpe):
+    models = {"t": tiny_model("qwen2", bpe, seed=1, layers=2)}
+    kwargs = dict(
+        tasks=["niah_single_1", "vt"],
+        lengths=[700],
+        methods=["full", "keep-last"],
+        samples=1,
+        seed=3,
+        models=Models(target="t", draft=None, load=lambda name: (models[name], bpe)),
+        out_dir=tmp_path,
+        kv_budgets=[128],
+        prompt_budgets=[256],
+        harness_options={"max_new_tokens": 4},
+        progress=False,
+        report=False,
+    )
+    run_accuracy(**kwargs)
+    path = tmp_path / SAMPLES_FILE
+    whole = read_jsonl(path)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text[: len(text) - 40], encoding="utf-8")  # the last line, cut mid-record
+    assert len(read_jsonl(path)) == len(whole) - 1
+
+    run_accuracy(**kwargs)  # resumes: answers the cut one again, on a line of its own
+    again = read_jsonl(path)
+    assert len(again) == len(whole)
+    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in whole)
+    assert again[-1]["answer"] == whole[-1]["answer"]

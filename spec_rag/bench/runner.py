@@ -70,8 +70,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """Append one JSON line; after a run killed mid-write, start a new line so that only the cut
+    line is lost (``read_jsonl`` skips it), not this record too."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with path.open("ab+") as f:
+        end = f.seek(0, 2)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)  # append mode: always at the end
 
 
 def _key(*parts: object) -> str:
