@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import _tokenizer, tiny_model
 
-from spec_rag import SpecEngine, SpecPCConfig
+from spec_rag import SpecEngine, SpecPCConfig, cli
 from spec_rag.bench import Harness, generate_samples, render_prompt, score_answer
 from spec_rag.bench.methods import METHOD_NAMES, encode_tokens, kept_text
 from spec_rag.bench.report import ACCURACY_PLOT, LATENCY_PLOT, MEMORY_PLOT, REPORT_FILE, write_report
@@ -436,6 +436,29 @@ def test_specpc_kernel_is_recorded_and_a_run_with_another_kernel_needs_its_own_d
     with pytest.raises(InvalidInputError):
         run_accuracy(out_dir=tmp_path / "narrow", harness_options={"max_new_tokens": 4}, **kwargs)
 
+    # One report over both directories: each width gets its own columns, holding its own rows.
+    report = write_report(tmp_path / "narrow", include=[tmp_path / "default"]).read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| task |"))
+    assert header == "| task | specpc@256 | specpc-k8@256 | keep-random@256 | keep-random-k8@256 |"
+    wide = read_jsonl(tmp_path / "default" / SAMPLES_FILE)
+
+    def score(records: list[dict], method: str) -> str:
+        return f"{100 * next(r['score'] for r in records if r['method'] == method):.1f}"
+
+    line = next(line for line in report.splitlines() if line.startswith("| niah_single_1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+    assert cells == [
+        score(wide, "specpc"),
+        score(rows, "specpc"),
+        score(wide, "keep-random"),
+        score(rows, "keep-random"),
+    ]
+    assert report.count("| specpc-k8@256 | 1 |") == 1  # the cost table: one answer
+    (tmp_path / "narrow" / REPORT_FILE).unlink()
+    argv = ["bench", "report", "--out", str(tmp_path / "narrow"), "--include", str(tmp_path / "default")]
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert (tmp_path / "narrow" / REPORT_FILE).read_text() == report
+
 
 def test_a_run_killed_mid_write_loses_only_the_cut_answer(tmp_path, bpe):
     models = {"t": tiny_model("qwen2", bpe, seed=1, layers=2)}
@@ -465,3 +488,27 @@ def test_a_run_killed_mid_write_loses_only_the_cut_answer(tmp_path, bpe):
     assert len(again) == len(whole)
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in whole)
     assert again[-1]["answer"] == whole[-1]["answer"]
+
+
+def test_a_reused_full_answer_is_labelled_with_the_specpc_width_that_asked_for_it(tmp_path, bpe):
+    models = {
+        "t": tiny_model("qwen2", bpe, seed=1, layers=2),
+        "d": tiny_model("qwen2", bpe, seed=2, layers=2),
+    }
+    run_accuracy(
+        tasks=["niah_single_1"],
+        lengths=[700],
+        methods=["full", "specpc"],
+        samples=1,
+        seed=3,
+        models=Models(target="t", draft="d", load=lambda name: (models[name], bpe)),
+        out_dir=tmp_path,
+        kv_budgets=[128],
+        prompt_budgets=[4096],  # holds the whole prompt: full's answer is reused
+        harness_options={"max_new_tokens": 4, "specpc": SpecPCConfig(kernel_size=8, neighbor_tokens=8)},
+        progress=False,
+    )
+    (specpc,) = [r for r in read_jsonl(tmp_path / SAMPLES_FILE) if r["method"] == "specpc"]
+    assert specpc["stats"]["same_as_full"]
+    assert (specpc["stats"]["kernel_size"], specpc["stats"]["neighbor_tokens"]) == (8, 8)
+    assert "| task | full | specpc-k8@4096 |" in (tmp_path / REPORT_FILE).read_text()

@@ -88,7 +88,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from spec_rag.bench.report import write_report
 
-    print(write_report(args.out))
+    print(write_report(args.out, include=args.include))
     return 0
 
 
@@ -199,6 +199,13 @@ def _add_commands(bench: argparse.ArgumentParser, common: argparse.ArgumentParse
 
     report = commands.add_parser("report", parents=parents, help="rewrite results.md and plots from DIR")
     report.add_argument("--out", default=DEFAULT_OUT)
+    report.add_argument(
+        "--include",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="also report these directories' records (e.g. a run with another --specpc-kernel)",
+    )
     report.set_defaults(func=cmd_report)
 
     if common is None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from spec_rag.bench.methods import METHOD_NAMES
+from spec_rag import SpecPCConfig
+from spec_rag.bench.methods import METHOD_NAMES, SPECPC_SHAPED
 from spec_rag.bench.runner import SAMPLES_FILE, SPEED_FILE, read_jsonl
 
 REPORT_FILE = "results.md"
@@ -32,7 +33,31 @@ def _label(method: str, budget: int | None) -> str:
 
 
 def _method_order(method: str) -> int:
-    return METHOD_NAMES.index(method) if method in METHOD_NAMES else len(METHOD_NAMES)
+    """Harness order; a variant (``specpc-k16``) right after its method."""
+    if method in METHOD_NAMES:
+        return 2 * METHOD_NAMES.index(method)
+    base = method.rpartition("-k")[0]
+    return 2 * METHOD_NAMES.index(base) + 1 if base in METHOD_NAMES else 2 * len(METHOD_NAMES)
+
+
+def _labelled(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with SpecPC-shaped rows that ran another pool width or neighbourhood than the
+    default renamed (``specpc-k16``; ``specpc-k16n32`` when the two differ), so runs with several
+    widths never share a cell."""
+    default = SpecPCConfig()
+    out = []
+    for r in records:
+        stats = r.get("stats") or {}
+        kernel = stats.get("kernel_size", default.kernel_size)
+        neighbors = stats.get("neighbor_tokens", default.neighbor_tokens)
+        if r.get("method") in SPECPC_SHAPED and (kernel, neighbors) != (
+            default.kernel_size,
+            default.neighbor_tokens,
+        ):
+            suffix = f"k{kernel}" if kernel == neighbors else f"k{kernel}n{neighbors}"
+            r = {**r, "method": f"{r['method']}-{suffix}"}
+        out.append(r)
+    return out
 
 
 def _columns(records: Iterable[dict[str, Any]]) -> list[tuple[str, int | None]]:
@@ -372,11 +397,13 @@ def plot_speed(records: Sequence[dict[str, Any]], latency_path: Path, memory_pat
 
 
 # -- the whole report ---------------------------------------------------------------------------
-def write_report(out_dir: str | Path) -> Path:
-    """Rewrite ``results.md`` and the plots from every record in ``out_dir``."""
+def write_report(out_dir: str | Path, include: Sequence[str | Path] = ()) -> Path:
+    """Rewrite ``results.md`` and the plots in ``out_dir`` from its records and those of the
+    ``include`` directories (e.g. a run with another SpecPC width next to the main run; a record
+    found in several directories counts once)."""
     out = Path(out_dir)
-    accuracy = read_jsonl(out / SAMPLES_FILE)
-    speed = read_jsonl(out / SPEED_FILE)
+    accuracy = _merged([out, *map(Path, include)], SAMPLES_FILE)
+    speed = _merged([out, *map(Path, include)], SPEED_FILE)
     sections = ["# spec-rag benchmark results\n"]
     if accuracy:
         sections.append("## Accuracy\n")
@@ -394,3 +421,16 @@ def write_report(out_dir: str | Path) -> Path:
     path = out / REPORT_FILE
     path.write_text("\n".join(sections), encoding="utf-8")
     return path
+
+
+def _merged(directories: Sequence[Path], name: str) -> list[dict[str, Any]]:
+    seen: set[tuple[str, str]] = set()
+    records = []
+    for directory in directories:
+        for r in _labelled(read_jsonl(directory / name)):
+            ident = (r.get("key", ""), r["method"])
+            if ident[0] and ident in seen:
+                continue
+            seen.add(ident)
+            records.append(r)
+    return records

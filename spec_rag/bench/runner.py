@@ -108,8 +108,8 @@ def _check_specpc_settings(
     wanted = (config.kernel_size, config.neighbor_tokens)
     for r in records:
         stats = r.get("stats", {})
-        if r.get("method") not in SPECPC_SHAPED or r["method"] not in methods or stats.get("same_as_full"):
-            continue  # a reused full answer does not depend on the settings
+        if r.get("method") not in SPECPC_SHAPED or r["method"] not in methods:
+            continue
         found = (
             stats.get("kernel_size", default.kernel_size),
             stats.get("neighbor_tokens", default.neighbor_tokens),
@@ -173,6 +173,7 @@ def run_accuracy(
     path = out / SAMPLES_FILE
     existing = read_jsonl(path)
     _check_specpc_settings(existing, methods, harness_options or {})
+    specpc = (harness_options or {}).get("specpc") or SpecPCConfig()
     done = {r["key"]: r for r in existing if "key" in r}
     session = _Session(models, harness_options or {})
     tokenizer = session.tokenizer
@@ -215,6 +216,8 @@ def run_accuracy(
                 and budget >= prompt_tokens
             ):
                 answer, stats = full["answer"], {**full["stats"], "method": method, "same_as_full": True}
+                if method in SPECPC_SHAPED:  # recorded as the harness records them, for the report's labels
+                    stats.update(kernel_size=specpc.kernel_size, neighbor_tokens=specpc.neighbor_tokens)
             else:
                 outcome = harness.run(ctx, method, budget)
                 answer, stats = outcome.answer, outcome.stats
