@@ -512,3 +512,37 @@ def test_a_reused_full_answer_is_labelled_with_the_specpc_width_that_asked_for_i
     assert specpc["stats"]["same_as_full"]
     assert (specpc["stats"]["kernel_size"], specpc["stats"]["neighbor_tokens"]) == (8, 8)
     assert "| task | full | specpc-k8@4096 |" in (tmp_path / REPORT_FILE).read_text()
+
+
+def test_report_can_show_only_the_first_samples_and_some_budgets(tmp_path, bpe):
+    models = {"t": tiny_model("qwen2", bpe, seed=1, layers=2)}
+    run_accuracy(
+        tasks=["niah_single_1", "vt"],
+        lengths=[700],
+        methods=["full", "keep-last"],
+        samples=2,
+        seed=3,
+        models=Models(target="t", draft=None, load=lambda name: (models[name], bpe)),
+        out_dir=tmp_path,
+        kv_budgets=[128],
+        prompt_budgets=[256, 384],
+        harness_options={"max_new_tokens": 4},
+        progress=False,
+    )
+    everything = (tmp_path / REPORT_FILE).read_text()
+    assert "| task | full | keep-last@256 | keep-last@384 |" in everything
+    assert "| keep-last@256 | 4 |" in everything  # cost table: 2 tasks x 2 samples
+
+    report = write_report(tmp_path, samples=1, budgets=[256]).read_text()
+    assert report.startswith("# spec-rag benchmark results\n\nShown: sample indices below 1; budgets 256")
+    assert "| task | full | keep-last@256 |" in report
+    assert "| full | 2 |" in report and "| keep-last@256 | 2 |" in report  # index 0 of each task
+    rows = [r for r in read_jsonl(tmp_path / SAMPLES_FILE) if r["index"] == 0 and r["task"] == "vt"]
+    line = next(line for line in report.splitlines() if line.startswith("| vt |"))
+    expected = [
+        f"{100 * r['score']:.1f}"
+        for m in ("full", "keep-last")
+        for r in rows
+        if r["method"] == m and r["budget"] in (None, 256)
+    ]
+    assert [c.strip() for c in line.strip("|").split("|")[1:]] == expected

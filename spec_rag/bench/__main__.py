@@ -88,7 +88,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from spec_rag.bench.report import write_report
 
-    print(write_report(args.out, include=args.include))
+    print(write_report(args.out, include=args.include, samples=args.samples, budgets=args.budgets))
     return 0
 
 
@@ -205,6 +205,12 @@ def _add_commands(bench: argparse.ArgumentParser, common: argparse.ArgumentParse
         default=[],
         metavar="DIR",
         help="also report these directories' records (e.g. a run with another --specpc-kernel)",
+    )
+    report.add_argument(
+        "--samples", type=int, default=None, help="only the first N sample indices of each task (default all)"
+    )
+    report.add_argument(
+        "--budgets", nargs="+", type=int, default=None, help="only these budgets, and full (default all)"
     )
     report.set_defaults(func=cmd_report)
 

@@ -397,14 +397,35 @@ def plot_speed(records: Sequence[dict[str, Any]], latency_path: Path, memory_pat
 
 
 # -- the whole report ---------------------------------------------------------------------------
-def write_report(out_dir: str | Path, include: Sequence[str | Path] = ()) -> Path:
+def write_report(
+    out_dir: str | Path,
+    include: Sequence[str | Path] = (),
+    *,
+    samples: int | None = None,
+    budgets: Sequence[int] | None = None,
+) -> Path:
     """Rewrite ``results.md`` and the plots in ``out_dir`` from its records and those of the
     ``include`` directories (e.g. a run with another SpecPC width next to the main run; a record
-    found in several directories counts once)."""
+    found in several directories counts once). ``samples`` keeps the accuracy records of the
+    first ``samples`` sample indices, ``budgets`` those at these budgets (``full`` stays): a
+    comparison on exactly the samples and budgets every method was run at."""
     out = Path(out_dir)
-    accuracy = _merged([out, *map(Path, include)], SAMPLES_FILE)
-    speed = _merged([out, *map(Path, include)], SPEED_FILE)
+    directories = [out, *map(Path, include)]
+    accuracy = [
+        r
+        for r in _merged(directories, SAMPLES_FILE)
+        if (samples is None or r["index"] < samples)
+        and (budgets is None or r["budget"] is None or r["budget"] in budgets)
+    ]
+    speed = _merged(directories, SPEED_FILE)
     sections = ["# spec-rag benchmark results\n"]
+    shown = [f"records of {', '.join(f'`{d}`' for d in directories)}"] if include else []
+    if samples is not None:
+        shown.append(f"sample indices below {samples}")
+    if budgets is not None:
+        shown.append(f"budgets {', '.join(map(str, budgets))} (and `full`)")
+    if shown:
+        sections.append(f"Shown: {'; '.join(shown)}.\n")
     if accuracy:
         sections.append("## Accuracy\n")
         sections.append(f"![accuracy vs budget]({ACCURACY_PLOT})\n")
