@@ -3,12 +3,15 @@
 from typing import TYPE_CHECKING
 
 from spec_rag.config import (
+    METHODS,
+    MethodInfo,
     SnapKVConfig,
     SpecKVConfig,
     SpecKVPCConfig,
     SpecPCConfig,
     StreamingLLMConfig,
     config_for_method,
+    method_info,
 )
 from spec_rag.engine import Generation, GenerationStats, GenerationStream, SpecEngine
 from spec_rag.errors import (
@@ -38,6 +41,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "METHODS",
     "ChecksumError",
     "Compression",
     "ContextLengthError",
@@ -46,6 +50,7 @@ __all__ = [
     "GenerationStats",
     "GenerationStream",
     "InvalidInputError",
+    "MethodInfo",
     "ModelNotFoundError",
     "PackNotInstalledError",
     "SnapKVConfig",
@@ -61,4 +66,5 @@ __all__ = [
     "config_for_method",
     "get_model",
     "load_model",
+    "method_info",
 ]

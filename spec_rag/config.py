@@ -7,6 +7,7 @@ wrong value fails at construction with a message that says what to change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -170,9 +171,66 @@ class SpecKVPCConfig(_Config):
         return "speckv-pc"
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method does and needs, declared once for the engine, the CLI and the adapters.
+
+    Attributes:
+        name: the method's name as users type it (``"speckv-pc"``).
+        needs_draft: a draft model must be given.
+        uses_lookahead: the draft writes tokens after the prompt whose attention counts, so
+            ``lookahead_tokens`` means something.
+        compresses_prompt: the target sees fewer prompt tokens than the user sent.
+        compresses_cache: the target's KV cache holds fewer prompt entries while decoding.
+    """
+
+    name: str
+    needs_draft: bool
+    uses_lookahead: bool
+    compresses_prompt: bool
+    compresses_cache: bool
+
+
+_INFO = {
+    info.name: info
+    for info in (
+        MethodInfo(
+            "full", needs_draft=False, uses_lookahead=False, compresses_prompt=False, compresses_cache=False
+        ),
+        MethodInfo(
+            "specpc", needs_draft=True, uses_lookahead=True, compresses_prompt=True, compresses_cache=False
+        ),
+        MethodInfo(
+            "speckv", needs_draft=True, uses_lookahead=True, compresses_prompt=False, compresses_cache=True
+        ),
+        MethodInfo(
+            "speckv-pc", needs_draft=True, uses_lookahead=True, compresses_prompt=True, compresses_cache=True
+        ),
+        MethodInfo(
+            "snapkv", needs_draft=False, uses_lookahead=False, compresses_prompt=False, compresses_cache=True
+        ),
+        MethodInfo(
+            "streamingllm",
+            needs_draft=False,
+            uses_lookahead=False,
+            compresses_prompt=False,
+            compresses_cache=True,
+        ),
+    )
+}
+
+
+def method_info(method: str) -> MethodInfo:
+    """The capabilities of a method by name (``"speckv"``, ``"SpecKV_PC"``, ``"full"``, ...)."""
+    key = method.lower().replace("_", "-")
+    if key not in _INFO:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(_INFO)}")
+    return _INFO[key]
+
+
 EngineConfig = SpecPCConfig | SpecKVConfig | SnapKVConfig | StreamingLLMConfig | SpecKVPCConfig
 
-METHODS = ("full", "specpc", "speckv", "speckv-pc", "snapkv", "streamingllm")
+METHODS = tuple(_INFO)
 
 
 def config_for_method(method: str, **fields: object) -> EngineConfig | None:

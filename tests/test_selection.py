@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,3 +130,14 @@ def test_specpc_config_decides_whether_special_tokens_are_kept():
     off = cfg.model_copy(update={"keep_special_tokens": False})
     assert select_tokens(scores, 5, off, special).tolist() == [10, 36, 37, 38, 39]
     assert select_tokens(scores, 5, cfg, special).tolist() == [0, 36, 37, 38, 39]  # specials first
+
+
+def test_method_info_declares_which_methods_need_a_draft() -> None:
+    from spec_rag import METHODS, method_info
+
+    needs = {name for name in METHODS if method_info(name).needs_draft}
+    assert needs == {"specpc", "speckv", "speckv-pc"}
+    assert method_info("SpecKV_PC").compresses_prompt and method_info("SpecKV_PC").compresses_cache
+    assert not method_info("snapkv").uses_lookahead
+    with pytest.raises(ValueError, match="unknown method 'specv'"):
+        method_info("specv")
