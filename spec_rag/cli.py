@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
+
+from spec_rag._commands import BENCH_HELP, run_command
 
 DEFAULT_QUESTION = "What does the nonlocal statement do, and where can it be used?"
 
@@ -202,13 +203,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise SystemExit(f"spec-rag models {args.action}: give a pack name (see 'spec-rag models list')")
-    if args.name not in models.PACKS:
-        raise models.ModelNotFoundError(f"unknown pack {args.name!r}; see 'spec-rag models list'")
     print(models.fetch_pack(args.name, progress=not args.quiet, install=args.action == "fetch"))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
+    """The ``spec-rag`` parser; ``bench=False`` lists ``bench`` without importing the benchmark."""
     from spec_rag.config import METHODS
     from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -254,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
     generate.set_defaults(func=cmd_generate)
 
-    from spec_rag.bench.__main__ import add_bench_parser
+    if bench:  # the benchmark package is heavy: imported only to run it
+        from spec_rag.bench.__main__ import add_bench_parser
 
-    add_bench_parser(sub, common)
+        add_bench_parser(sub, common)
+    else:
+        sub.add_parser("bench", help=BENCH_HELP, add_help=False)
 
     models = sub.add_parser("models", parents=[common], help="offline model packs")
     models.add_argument("action", choices=["list", "fetch", "path"])
@@ -266,26 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv), "spec-rag")
-
-
-def run_command(args: argparse.Namespace, prog: str) -> int:
-    """Run the parsed command: errors become one line on stderr (a traceback only with
-    ``--debug``), Ctrl-C exits with 130."""
-    if args.quiet:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:
-        if args.debug:
-            raise
-        from spec_rag.errors import SpecRagError
-
-        kind = "error" if isinstance(err, SpecRagError | OSError | ValueError) else type(err).__name__
-        print(f"{prog}: {kind}: {err}", file=sys.stderr)
-        return 1
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    return run_command(build_parser(bench=arguments[:1] == ["bench"]).parse_args(arguments), "spec-rag")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from spec_rag._commands import BENCH_HELP, run_command
 from spec_rag.bench.methods import METHOD_NAMES
 from spec_rag.bench.runner import DEFAULT_KV_BUDGETS, DEFAULT_PROMPT_BUDGETS, Models, iter_budgets
 from spec_rag.bench.tasks import TASKS
@@ -153,7 +154,7 @@ def add_bench_parser(
     ``common`` is a parent parser holding ``--quiet``, ``--debug`` and ``--dtype`` (spec-rag's
     CLI passes its own); without it the commands define those flags themselves.
     """
-    bench = subparsers.add_parser("bench", help="accuracy and speed benchmarks (RULER-style and RAG tasks)")
+    bench = subparsers.add_parser("bench", help=BENCH_HELP)
     _add_commands(bench, common)
     return bench
 
@@ -220,8 +221,6 @@ def _add_commands(bench: argparse.ArgumentParser, common: argparse.ArgumentParse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from spec_rag.cli import run_command
-
     parser = argparse.ArgumentParser(prog="python -m spec_rag.bench", description="spec-rag benchmarks.")
     _add_commands(parser, None)
     return run_command(parser.parse_args(argv), "spec-rag bench")

@@ -19,7 +19,7 @@ from typing import Any
 
 from spec_rag import SpecPCConfig
 from spec_rag.bench.methods import METHOD_NAMES, SPECPC_SHAPED
-from spec_rag.bench.runner import SAMPLES_FILE, SPEED_FILE, read_jsonl
+from spec_rag.bench.records import SAMPLES_FILE, SPEED_FILE, read_jsonl
 
 REPORT_FILE = "results.md"
 ACCURACY_PLOT = "accuracy_vs_budget.png"

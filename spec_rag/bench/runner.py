@@ -8,7 +8,6 @@ resumes where it stopped and a finished one only rewrites the report.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -21,12 +20,12 @@ from tqdm.auto import tqdm
 
 from spec_rag import SpecPCConfig
 from spec_rag.bench.methods import DRAFT_METHODS, SPECPC_SHAPED, Harness, SampleContext, method_family
+from spec_rag.bench.records import SAMPLES_FILE, SPEED_FILE, append_jsonl, read_jsonl
+from spec_rag.bench.report import write_report
 from spec_rag.bench.tasks import TASKS, Sample, generate_sample, render_prompt, score_answer
 from spec_rag.errors import InvalidInputError
 from spec_rag.profiling import PeakMemory, release_memory, rss_bytes
 
-SAMPLES_FILE = "samples.jsonl"
-SPEED_FILE = "speed.jsonl"
 DEFAULT_KV_BUDGETS = (128, 256, 512, 1024)
 DEFAULT_PROMPT_BUDGETS = (512, 1024, 2048)
 
@@ -55,31 +54,6 @@ def budgets_for(method: str, kv_budgets: Sequence[int], prompt_budgets: Sequence
     if family == "full":
         return [None]
     return list(kv_budgets if family == "kv" else prompt_budgets)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a line cut short by an interrupted run is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-    return records
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line; after a run killed mid-write, start a new line so that only the cut
-    line is lost (``read_jsonl`` skips it), not this record too."""
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with path.open("ab+") as f:
-        end = f.seek(0, 2)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)  # append mode: always at the end
 
 
 def _key(*parts: object) -> str:
@@ -239,13 +213,11 @@ def run_accuracy(
                 "score": score_answer(answer, sample.answers, sample.metric),
                 "stats": stats,
             }
-            _append(path, record)
+            append_jsonl(path, record)
             done[record["key"]] = record
             bar.update(1)
     bar.close()
     if report:
-        from spec_rag.bench.report import write_report
-
         write_report(out)
     return path
 
@@ -336,12 +308,10 @@ def run_speed(
             "draft": models.draft if method in DRAFT_METHODS else None,
             **_timed(harness, harness.context(sample), method, budget_of(method)),
         }
-        _append(path, record)
+        append_jsonl(path, record)
         bar.update(1)
     bar.close()
     if report:
-        from spec_rag.bench.report import write_report
-
         write_report(out)
     return path
 
