@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from test_models import _fake_pack
@@ -10,6 +14,7 @@ from test_models import _fake_pack
 from spec_rag import cli
 from spec_rag.models import PACKS
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--target", "smollm2-135m-instruct", "--draft", "smollm2-135m-instruct", "--quiet"]
 
 
@@ -18,6 +23,77 @@ def test_models_list_names_every_pack(capsys):
     out = capsys.readouterr().out
     for name in PACKS:
         assert name in out
+
+
+def test_models_list_does_not_import_the_benchmark():
+    script = (
+        "import sys\n"
+        "from spec_rag import cli\n"
+        "assert cli.main(['models', 'list', '--quiet']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('spec_rag.bench')))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert "smollm2-135m-instruct" in run.stdout
+
+
+def test_bench_is_listed_in_the_help_and_runs_under_spec_rag(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "bench" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "report", "--help"])
+    assert "--include" in capsys.readouterr().out  # the real benchmark parser, mounted on demand
+
+
+def _imports_between_submodules() -> dict[str, set[str]]:
+    """Every spec_rag module -> the spec_rag submodules it imports, at module level or inside a
+    function (imports of the top-level package's re-exports are left out)."""
+    modules: dict[str, Path] = {}
+    for path in (REPO_ROOT / "spec_rag").rglob("*.py"):
+        parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def module_of(name: str) -> str:
+        while name not in modules and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spec_rag"):
+                for alias in node.names:
+                    whole = f"{node.module}.{alias.name}"
+                    found.add(whole if whole in modules else module_of(node.module))
+            elif isinstance(node, ast.Import):
+                found.update(module_of(a.name) for a in node.names if a.name.startswith("spec_rag"))
+        graph[name] = found - {name, "spec_rag"}
+    return graph
+
+
+def test_no_import_cycles_between_spec_rag_modules():
+    graph = _imports_between_submodules()
+    state: dict[str, str] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
 
 
 @pytest.mark.real_model
