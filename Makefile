@@ -42,6 +42,7 @@ demo: $(VENV)/.qwen-packs
 
 bench: install
 	$(PY) benchmarks/scoring_overhead.py
+	$(PY) benchmarks/bm25_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,11 +6,11 @@ download.
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import bm25s
 
 _WORD = re.compile(r"[A-Za-z0-9_]+")
 
@@ -48,33 +48,32 @@ def python_reference_sections(max_chars: int = 1800) -> list[Section]:
 
 
 class BM25:
-    """Okapi BM25 over a fixed list of texts."""
+    """Okapi BM25 over a fixed list of texts, indexed by :mod:`bm25s`.
+
+    Scores are ``sum over query words of idf(w) * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len))``
+    with Lucene's ``idf(w) = log(1 + (N - df + 0.5) / (df + 0.5))``; words are lower-cased runs of
+    letters, digits and underscores (:func:`tokenize_words`), with no stop words or stemming.
+    """
 
     def __init__(self, texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75) -> None:
         self.k1, self.b = k1, b
-        self.docs = [Counter(tokenize_words(t)) for t in texts]
-        self.lengths = [sum(d.values()) for d in self.docs]
-        self.avg_length = sum(self.lengths) / max(len(self.docs), 1)
-        frequency: Counter[str] = Counter()
-        for d in self.docs:
-            frequency.update(d.keys())
-        n = len(self.docs)
-        self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in frequency.items()}
+        self.size = len(texts)
+        corpus = [tokenize_words(t) for t in texts]
+        self._index: bm25s.BM25 | None = None
+        if any(corpus):  # bm25s needs at least one word to build a vocabulary
+            self._index = bm25s.BM25(k1=k1, b=b, method="lucene", dtype="float64")
+            self._index.index(corpus, show_progress=False)
 
     def scores(self, query: str) -> list[float]:
-        words = tokenize_words(query)
-        out = []
-        for doc, length in zip(self.docs, self.lengths, strict=True):
-            norm = self.k1 * (1 - self.b + self.b * length / max(self.avg_length, 1e-9))
-            out.append(
-                sum(
-                    self.idf.get(w, 0.0) * doc[w] * (self.k1 + 1) / (doc[w] + norm) for w in words if w in doc
-                )
-            )
-        return out
+        """One score per text, in the order given; 0 where no query word occurs."""
+        ids = self._index.get_tokens_ids(tokenize_words(query)) if self._index is not None else []
+        if self._index is None or not ids:
+            return [0.0] * self.size
+        # bm25s leaves out the constant factor k1 + 1, which changes no ranking; put it back.
+        return (self._index.get_scores_from_ids(ids) * (self.k1 + 1)).tolist()
 
     def top(self, query: str, k: int) -> list[int]:
-        """Indices of the ``k`` best texts for ``query``, best first."""
+        """Indices of the ``k`` best texts for ``query``, best first (ties: the earlier text)."""
         scores = self.scores(query)
         return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 
+import pytest
 from tiny_models import _tokenizer, tiny_model
 
 from spec_rag.profiling import PeakMemory, kv_cache_bytes
-from spec_rag.retrieval import BM25, python_reference_sections, rag_messages
+from spec_rag.retrieval import BM25, python_reference_sections, rag_messages, tokenize_words
 
 
 def test_reference_sections_are_bounded_passages_with_titles():
@@ -21,6 +23,55 @@ def test_reference_sections_are_bounded_passages_with_titles():
 def test_bm25_ranks_the_passage_that_uses_the_query_words_first():
     texts = ["the cat sat on the mat", "nonlocal rebinds names in enclosing scopes", "dogs bark loudly"]
     assert BM25(texts).top("what does nonlocal rebind", 2)[0] == 1
+
+
+def _okapi_scores(texts: list[str], query: str, k1: float = 1.5, b: float = 0.75) -> list[float]:
+    """BM25 written out term by term: Lucene idf, Okapi term weight, every query word counted."""
+    docs = [tokenize_words(t) for t in texts]
+    avg = sum(map(len, docs)) / len(docs)
+    out = []
+    for doc in docs:
+        total = 0.0
+        for word in tokenize_words(query):
+            tf = doc.count(word)
+            if tf:
+                df = sum(word in d for d in docs)
+                idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+                total += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / avg))
+        out.append(total)
+    return out
+
+
+def test_bm25_scores_are_okapi_bm25_term_by_term():
+    texts = [
+        "the cat sat on the mat",
+        "the cat chased the other cat around the garden of the house",
+        "dogs bark",
+        "",
+        "Cat_names: Tom, Felix; CAT facts.",
+    ]
+    for query in ("cat", "the cat", "cat cat mat", "garden dogs", "cat_names felix", "unknown words"):
+        got, want = BM25(texts).scores(query), _okapi_scores(texts, query)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12), query
+    assert BM25(texts, k1=0.9, b=0.4).scores("the cat") == pytest.approx(
+        _okapi_scores(texts, "the cat", k1=0.9, b=0.4), rel=1e-12
+    )
+
+
+def test_bm25_ranks_the_reference_as_the_formula_does():
+    sections = python_reference_sections()
+    texts = [f"{s.title}\n{s.text}" for s in sections]
+    retriever = BM25(texts)
+    for query in ("What does the nonlocal statement do?", "yield from a generator", "with context manager"):
+        want = _okapi_scores(texts, query)
+        assert retriever.top(query, 10) == sorted(range(len(want)), key=lambda i: (-want[i], i))[:10]
+
+
+def test_bm25_without_words_scores_zero():
+    assert BM25([]).scores("anything") == [] and BM25([]).top("anything", 3) == []
+    assert BM25(["", "  ,"]).scores("cat") == [0.0, 0.0]
+    assert BM25(["a cat", "a dog"]).scores("zebra !") == [0.0, 0.0]
+    assert BM25(["a cat", "a dog"]).top("", 2) == [0, 1]  # ties keep the given order
 
 
 def test_bm25_finds_the_nonlocal_section_of_the_reference():
