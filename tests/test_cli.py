@@ -147,6 +147,13 @@ def test_missing_model_path_is_one_clear_line(tmp_path, capsys):
     assert code == 1 and "no such file or directory" in err.lower()
 
 
+def test_a_mistyped_model_name_names_the_pack_it_probably_meant(capsys):
+    code = cli.main(["generate", "hello", "--method", "full", "--target", "smollm2-135m", "--quiet"])
+    assert code == 1 and "Did you mean 'smollm2-135m-instruct'?" in capsys.readouterr().err
+    assert cli.main(["models", "path", "smollm2-135m", "--quiet"]) == 1
+    assert "Did you mean 'smollm2-135m-instruct'?" in capsys.readouterr().err
+
+
 def test_corrupted_pack_is_refused_by_checksum(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPEC_RAG_HOME", str(tmp_path / "home"))
     pack = _fake_pack(tmp_path / "site", [b"not really a model"], sha256="0" * 64, name="corrupt-pack")

@@ -474,6 +474,24 @@ def test_pickled_weights_are_refused_with_the_safetensors_fix(
         load_model(snapshot)  # the same files as a local directory
 
 
+def test_code_shipped_with_a_checkpoint_never_runs_by_default(tmp_path: Path, tiny_model_dir: Path) -> None:
+    checkpoint = tmp_path / "with-code"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomModel"}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    ran = tmp_path / "custom-code-ran"
+    (checkpoint / "custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    pass\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    model, _ = load_model(checkpoint)
+    assert type(model) is LlamaForCausalLM  # the stock class, not the checkpoint's own
+    assert not ran.exists()
+
+
 @pytest.mark.filterwarnings("ignore:A test tried to use socket")
 def test_unit_tests_run_with_network_sockets_disabled() -> None:
     import socket
