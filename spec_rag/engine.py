@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import torch
+from pydantic import ValidationError
 
 from spec_rag._prompt import Prompt, check_prompt, eos_ids, is_messages, same_vocabulary
 from spec_rag.config import EngineConfig, method_info
@@ -252,9 +253,10 @@ class SpecEngine:
             raise InvalidInputError("full inference keeps the whole prompt; leave budget unset.")
         try:
             checked = method.check_budget(budget)
-        except ValueError as err:
+        except ValidationError as err:
+            detail = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in err.errors())
             raise InvalidInputError(
-                f"budget {budget} does not fit the {self.method} settings: {err}"
+                f"budget {budget} does not fit the {self.method} settings: {detail}"
             ) from err
         stats = replace(scored.stats, method=self.method)
         spent = stats.draft_s + stats.target_prefill_s
