@@ -236,7 +236,9 @@ class SpecEngine:
         stop: Sequence[str] | str | None = None,
     ) -> Generation:
         """Answer from a :meth:`score` result at ``budget`` (``None``: the config's budget): the
-        same answer as :meth:`generate` under a config with that budget, without scoring again.
+        same answer as :meth:`generate` under a config with that budget, without scoring again
+        (SpecKV at a budget that holds the whole prompt is the one exception: alone it skips the
+        draft, here the prompt's entries come from the scoring prefill, equal up to rounding).
 
         ``scored`` stays unchanged, so any number of budgets may be answered from it. The stats
         count the scoring's cost as this answer's own. Full inference and StreamingLLM also

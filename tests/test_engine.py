@@ -74,9 +74,9 @@ def test_speckv_below_the_prompt_keeps_exactly_c_entries_per_head_with_the_windo
     )
     ids = tokenizer(long_text)["input_ids"]
     kept: list[torch.Tensor] = []
-    import spec_rag.engine as engine_module
+    import spec_rag.generation as generation_module
 
-    original = engine_module.keep_cache_positions
+    original = generation_module.keep_cache_positions
 
     def spy(cache, positions):
         kept.append(positions.clone())
@@ -84,11 +84,11 @@ def test_speckv_below_the_prompt_keeps_exactly_c_entries_per_head_with_the_windo
         for layer in cache.layers:
             assert layer.keys.shape[2] == 40 and layer.values.shape[2] == 40
 
-    engine_module.keep_cache_positions = spy
+    generation_module.keep_cache_positions = spy
     try:
         gen = engine.generate(long_text, max_new_tokens=4)
     finally:
-        engine_module.keep_cache_positions = original
+        generation_module.keep_cache_positions = original
     positions = kept[0]  # [layers, kv_heads, C]
     assert positions.shape == (target.config.num_hidden_layers, target.config.num_key_value_heads, 40)
     window = set(range(len(ids) - 8, len(ids)))
