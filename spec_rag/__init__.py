@@ -13,7 +13,7 @@ from spec_rag.config import (
     config_for_method,
     method_info,
 )
-from spec_rag.engine import Generation, GenerationStats, GenerationStream, SpecEngine
+from spec_rag.engine import Generation, GenerationStats, GenerationStream, ScoredPrompt, SpecEngine
 from spec_rag.errors import (
     ChecksumError,
     ContextLengthError,
@@ -53,6 +53,7 @@ __all__ = [
     "MethodInfo",
     "ModelNotFoundError",
     "PackNotInstalledError",
+    "ScoredPrompt",
     "SnapKVConfig",
     "SpecEngine",
     "SpecKVConfig",

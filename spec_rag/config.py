@@ -1,27 +1,82 @@
 """Typed, validated configurations for every method spec-rag runs.
 
 Field names and defaults follow "Draft-based Approximate Inference for LLMs" (Galim et al.,
-ICLR 2026); see ``ALGORITHMS.md`` in the design notes. Each config is a pydantic model, so a
-wrong value fails at construction with a message that says what to change.
+ICLR 2026); docs/algorithms.md explains each method. Each config is a pydantic model, so a wrong
+value fails at construction with a message that says what to change.
+
+This module is also the registry of methods: each config class names its method, declares what
+the method does and needs (:class:`MethodInfo`) and points to the module under
+:mod:`spec_rag.methods` that runs it, imported only when an engine is built. Adding a method is
+one module under ``spec_rag/methods/`` plus its config class here, listed in ``_CONFIGS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from spec_rag.errors import InvalidInputError
 
 PoolType = Literal["max", "avg"]
 ReductionType = Literal["max", "mean"]
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method does and needs, declared once for the engine, the CLI and the adapters.
+
+    Attributes:
+        name: the method's name as users type it (``"speckv-pc"``).
+        needs_draft: a draft model must be given.
+        uses_lookahead: the draft writes tokens after the prompt whose attention counts, so
+            ``lookahead_tokens`` means something.
+        compresses_prompt: the target sees fewer prompt tokens than the user sent.
+        compresses_cache: the target's KV cache holds fewer prompt entries while decoding.
+    """
+
+    name: str
+    needs_draft: bool
+    uses_lookahead: bool
+    compresses_prompt: bool
+    compresses_cache: bool
+
+
+FULL = MethodInfo(
+    "full", needs_draft=False, uses_lookahead=False, compresses_prompt=False, compresses_cache=False
+)
+
+
 class _Config(BaseModel):
+    """A method's settings. Subclasses set the class variables below; nothing else is needed
+    for the engine, the CLI and the adapters to find the method."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: what the method does and needs; ``info.name`` is the method's name
+    info: ClassVar[MethodInfo]
+    #: ``"module:Class"`` of the :class:`spec_rag.methods.Method` that runs this config
+    implementation: ClassVar[str]
+
     @property
-    def method(self) -> str:  # overridden by each config
-        raise NotImplementedError
+    def method(self) -> str:
+        return self.info.name
+
+    @property
+    def budget(self) -> int:
+        """The budget a sweep varies: prompt tokens (SpecPC) or KV entries per head kept."""
+        return int(getattr(self, "max_capacity_prompt"))  # noqa: B009 - every config has one
+
+    def with_budget(self, budget: int) -> _Config:
+        """The same settings at another budget, validated like a new config."""
+        return type(self)(**{**self.model_dump(), "max_capacity_prompt": budget})
+
+    @classmethod
+    def from_fields(cls, method: str, fields: dict[str, Any]) -> _Config:
+        """The config from user-given fields; a field the method does not take is an error."""
+        _check_fields(method, fields, set(cls.model_fields))
+        return cls(**fields)
 
 
 class SpecPCConfig(_Config):
@@ -65,9 +120,10 @@ class SpecPCConfig(_Config):
             )
         return self
 
-    @property
-    def method(self) -> str:
-        return "specpc"
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "specpc", needs_draft=True, uses_lookahead=True, compresses_prompt=True, compresses_cache=False
+    )
+    implementation: ClassVar[str] = "spec_rag.methods.specpc:SpecPCMethod"
 
 
 class _KVConfig(_Config):
@@ -108,17 +164,19 @@ class SpecKVConfig(_KVConfig):
 
     lookahead_tokens: Annotated[int, Field(ge=0)] | None = None
 
-    @property
-    def method(self) -> str:
-        return "speckv"
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "speckv", needs_draft=True, uses_lookahead=True, compresses_prompt=False, compresses_cache=True
+    )
+    implementation: ClassVar[str] = "spec_rag.methods.speckv:SpecKV"
 
 
 class SnapKVConfig(_KVConfig):
     """SnapKV baseline: SpecKV's selection with the target's own window and no draft."""
 
-    @property
-    def method(self) -> str:
-        return "snapkv"
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "snapkv", needs_draft=False, uses_lookahead=False, compresses_prompt=False, compresses_cache=True
+    )
+    implementation: ClassVar[str] = "spec_rag.methods.snapkv:SnapKV"
 
 
 class StreamingLLMConfig(_Config):
@@ -136,9 +194,14 @@ class StreamingLLMConfig(_Config):
             )
         return self
 
-    @property
-    def method(self) -> str:
-        return "streamingllm"
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "streamingllm",
+        needs_draft=False,
+        uses_lookahead=False,
+        compresses_prompt=False,
+        compresses_cache=True,
+    )
+    implementation: ClassVar[str] = "spec_rag.methods.streamingllm:StreamingLLM"
 
 
 def _default_cascade_specpc() -> SpecPCConfig:
@@ -167,95 +230,74 @@ class SpecKVPCConfig(_Config):
         return self
 
     @property
-    def method(self) -> str:
-        return "speckv-pc"
+    def budget(self) -> int:
+        return self.speckv.max_capacity_prompt
 
+    def with_budget(self, budget: int) -> SpecKVPCConfig:
+        """The same prompt cut with another cache budget."""
+        return SpecKVPCConfig(specpc=self.specpc, speckv=self.speckv.with_budget(budget))  # type: ignore[arg-type]
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """What a method does and needs, declared once for the engine, the CLI and the adapters.
+    @classmethod
+    def from_fields(cls, method: str, fields: dict[str, Any]) -> SpecKVPCConfig:
+        """``max_capacity_prompt`` (and every SpecKV field) sets the cache stage;
+        ``prompt_capacity`` the SpecPC budget (default: the paper's 2048)."""
+        _check_fields(method, fields, {*SpecKVConfig.model_fields, "prompt_capacity"})
+        fields = dict(fields)
+        prompt_capacity = fields.pop("prompt_capacity", None)
+        pc_fields = {} if prompt_capacity is None else {"max_capacity_prompt": prompt_capacity}
+        specpc = SpecPCConfig(**{**_default_cascade_specpc().model_dump(), **pc_fields})
+        return cls(specpc=specpc, speckv=SpecKVConfig(**fields))  # type: ignore[arg-type]
 
-    Attributes:
-        name: the method's name as users type it (``"speckv-pc"``).
-        needs_draft: a draft model must be given.
-        uses_lookahead: the draft writes tokens after the prompt whose attention counts, so
-            ``lookahead_tokens`` means something.
-        compresses_prompt: the target sees fewer prompt tokens than the user sent.
-        compresses_cache: the target's KV cache holds fewer prompt entries while decoding.
-    """
-
-    name: str
-    needs_draft: bool
-    uses_lookahead: bool
-    compresses_prompt: bool
-    compresses_cache: bool
-
-
-_INFO = {
-    info.name: info
-    for info in (
-        MethodInfo(
-            "full", needs_draft=False, uses_lookahead=False, compresses_prompt=False, compresses_cache=False
-        ),
-        MethodInfo(
-            "specpc", needs_draft=True, uses_lookahead=True, compresses_prompt=True, compresses_cache=False
-        ),
-        MethodInfo(
-            "speckv", needs_draft=True, uses_lookahead=True, compresses_prompt=False, compresses_cache=True
-        ),
-        MethodInfo(
-            "speckv-pc", needs_draft=True, uses_lookahead=True, compresses_prompt=True, compresses_cache=True
-        ),
-        MethodInfo(
-            "snapkv", needs_draft=False, uses_lookahead=False, compresses_prompt=False, compresses_cache=True
-        ),
-        MethodInfo(
-            "streamingllm",
-            needs_draft=False,
-            uses_lookahead=False,
-            compresses_prompt=False,
-            compresses_cache=True,
-        ),
+    info: ClassVar[MethodInfo] = MethodInfo(
+        "speckv-pc", needs_draft=True, uses_lookahead=True, compresses_prompt=True, compresses_cache=True
     )
-}
+    implementation: ClassVar[str] = "spec_rag.methods.speckv_pc:SpecKVPC"
+
+
+_CONFIGS: tuple[type[_Config], ...] = (
+    SpecPCConfig,
+    SpecKVConfig,
+    SpecKVPCConfig,
+    SnapKVConfig,
+    StreamingLLMConfig,
+)
+_BY_NAME: dict[str, type[_Config]] = {c.info.name: c for c in _CONFIGS}
+
+EngineConfig = SpecPCConfig | SpecKVConfig | SnapKVConfig | StreamingLLMConfig | SpecKVPCConfig
+
+METHODS = ("full", "specpc", "speckv", "speckv-pc", "snapkv", "streamingllm")
+
+
+def _key(method: str) -> str:
+    key = method.lower().replace("_", "-")
+    if key not in METHODS:
+        raise InvalidInputError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return key
 
 
 def method_info(method: str) -> MethodInfo:
     """The capabilities of a method by name (``"speckv"``, ``"SpecKV_PC"``, ``"full"``, ...)."""
-    key = method.lower().replace("_", "-")
-    if key not in _INFO:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(_INFO)}")
-    return _INFO[key]
+    key = _key(method)
+    return FULL if key == "full" else _BY_NAME[key].info
 
 
-EngineConfig = SpecPCConfig | SpecKVConfig | SnapKVConfig | StreamingLLMConfig | SpecKVPCConfig
-
-METHODS = tuple(_INFO)
+def _check_fields(method: str, fields: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise InvalidInputError(
+            f"method {method!r} takes no {', '.join(unknown)}; its settings are: "
+            f"{', '.join(sorted(allowed)) or 'none'}. Leave the others unset."
+        )
 
 
 def config_for_method(method: str, **fields: object) -> EngineConfig | None:
     """Build the config for a method name as users type it (``"speckv"``, ``"full"``, ...).
 
     ``fields`` are passed to the config; for ``speckv-pc`` a ``max_capacity_prompt`` sets the
-    cache budget and ``prompt_capacity`` the SpecPC budget.
+    cache budget and ``prompt_capacity`` the SpecPC budget. A field the method does not take
+    raises :class:`~spec_rag.errors.InvalidInputError` naming the fields it does take.
     """
-    method = method.lower().replace("_", "-")
-    if method == "full":
+    key = _key(method)
+    if key == "full":  # full inference has no settings; budgets given for it mean nothing
         return None
-    if method == "specpc":
-        return SpecPCConfig(**fields)  # type: ignore[arg-type]
-    if method == "speckv":
-        return SpecKVConfig(**fields)  # type: ignore[arg-type]
-    if method == "snapkv":
-        return SnapKVConfig(**fields)  # type: ignore[arg-type]
-    if method == "streamingllm":
-        allowed = {k: v for k, v in fields.items() if k in StreamingLLMConfig.model_fields}
-        return StreamingLLMConfig(**allowed)  # type: ignore[arg-type]
-    if method == "speckv-pc":
-        fields = dict(fields)
-        prompt_capacity = fields.pop("prompt_capacity", None)
-        pc_fields = {} if prompt_capacity is None else {"max_capacity_prompt": prompt_capacity}
-        specpc = _default_cascade_specpc().model_copy(update=pc_fields)
-        specpc = SpecPCConfig(**specpc.model_dump())
-        return SpecKVPCConfig(specpc=specpc, speckv=SpecKVConfig(**fields))  # type: ignore[arg-type]
-    raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    return _BY_NAME[key].from_fields(key, dict(fields))  # type: ignore[return-value]

@@ -5,62 +5,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import torch
+from pydantic import ValidationError
 
-from spec_rag._prompt import (
-    Prompt,
-    check_fits,
-    check_prompt,
-    encode,
-    encode_prompt,
-    eos_ids,
-    is_messages,
-    same_vocabulary,
-)
-from spec_rag.config import (
-    EngineConfig,
-    SnapKVConfig,
-    SpecKVConfig,
-    SpecKVPCConfig,
-    SpecPCConfig,
-    StreamingLLMConfig,
-)
+from spec_rag._prompt import Prompt, check_prompt, eos_ids, is_messages, same_vocabulary
+from spec_rag.config import EngineConfig, method_info
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import (
     DecodeResult,
+    GenerationStats,
+    Prefilled,
     SamplingParams,
     TextStream,
     decode_tokens,
-    forward,
-    keep_cache_positions,
-    new_cache,
 )
-from spec_rag.scoring import HeadScoreRecorder, enable_scoring
-from spec_rag.selection import select_kv_positions, streaming_positions
-from spec_rag.specpc import Compression, SpecPC, draft_pass
+from spec_rag.methods import Method, Models, Request, ScoredPrompt, build_method
 
-
-@dataclass
-class GenerationStats:
-    """What one request cost. Token counts are per sequence; ``kv_cache_tokens`` is the number of
-    prompt entries each KV head keeps while decoding."""
-
-    method: str = "full"
-    prompt_tokens: int = 0
-    target_prefill_tokens: int = 0
-    kv_cache_tokens: int = 0
-    output_tokens: int = 0
-    lookahead_tokens: int = 0
-    draft_s: float = 0.0
-    target_prefill_s: float = 0.0
-    decode_s: float = 0.0
-    total_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = ["Generation", "GenerationStats", "GenerationStream", "ScoredPrompt", "SpecEngine"]
 
 
 @dataclass
@@ -79,10 +43,10 @@ class GenerationStream:
     """
 
     def __init__(
-        self, engine: SpecEngine, prompt: Prompt, params: SamplingParams, prefill: Prefill | None = None
+        self, engine: SpecEngine, params: SamplingParams, prefill: _Prefill, stats: GenerationStats
     ) -> None:
         self.generation: Generation | None = None
-        self._iterator = engine._run(prompt, params, self, prefill)
+        self._iterator = engine._run(params, self, prefill, stats)
 
     def __iter__(self) -> GenerationStream:
         return self
@@ -94,11 +58,8 @@ class GenerationStream:
         self._iterator.close()
 
 
-_NEEDS_DRAFT = (SpecPCConfig, SpecKVConfig, SpecKVPCConfig)
-
-#: A prefill step: fills in its part of the stats and returns the target's cache (compressed as
-#: the method says), the last prompt logits and the RoPE position of the next token.
-Prefill = Callable[[GenerationStats], tuple[Any, torch.Tensor, int]]
+#: The prefill of one request: fills in its part of the stats and hands over to decoding.
+_Prefill = Callable[[], Prefilled]
 
 
 class SpecEngine:
@@ -129,25 +90,27 @@ class SpecEngine:
         self.draft_tokenizer = draft_tokenizer if draft_tokenizer is not None else tokenizer
         self.config = config
         _check_tokenizer_fits(target, tokenizer, "target")
-        if isinstance(config, _NEEDS_DRAFT):
+        info = method_info(self.method)
+        if info.needs_draft:
             if draft is None:
                 raise InvalidInputError(
-                    f"method {config.method!r} needs a draft model: pass draft=... (and draft_tokenizer=... "
+                    f"method {info.name!r} needs a draft model: pass draft=... (and draft_tokenizer=... "
                     "if its tokenizer differs), or use SnapKVConfig / StreamingLLMConfig / config=None, "
                     "which need none."
                 )
             _check_tokenizer_fits(draft, self.draft_tokenizer, "draft")
         self.shared_vocabulary = draft is not None and same_vocabulary(tokenizer, self.draft_tokenizer)
-        if isinstance(config, SpecKVConfig | SnapKVConfig | SpecKVPCConfig):
-            enable_scoring(target)
-        self._specpc: SpecPC | None = None
-        if isinstance(config, SpecPCConfig | SpecKVPCConfig):
-            pc_config = config if isinstance(config, SpecPCConfig) else config.specpc
-            self._specpc = SpecPC(draft, self.draft_tokenizer, pc_config)
-        elif isinstance(config, SpecKVConfig):
-            enable_scoring(draft)  # harmless; keeps the draft's dispatch identical across methods
-        self._target_eos = eos_ids(target, tokenizer)
-        self._draft_eos = eos_ids(draft, self.draft_tokenizer) if draft is not None else []
+        models = Models(
+            target,
+            tokenizer,
+            draft,
+            self.draft_tokenizer,
+            shared_vocabulary=self.shared_vocabulary,
+            target_eos=eos_ids(target, tokenizer),
+            draft_eos=eos_ids(draft, self.draft_tokenizer) if draft is not None else [],
+        )
+        self._target_eos = models.target_eos
+        self._method: Method = build_method(config, models)
 
     @classmethod
     def from_pretrained(
@@ -237,41 +200,107 @@ class SpecEngine:
     ) -> GenerationStream:
         """Yield the answer as text deltas while it is generated (see :class:`GenerationStream`)."""
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        check_prompt(prompt)
-        return GenerationStream(self, prompt, params)
+        return self._stream(prompt, params)
 
-    def _complete(self, prompt: Prompt, params: SamplingParams, prefill: Prefill | None = None) -> Generation:
-        """Answer ``prompt``; ``prefill`` replaces the method's own prefill (the evaluation harness
-        uses it to serve several methods and budgets from one target prefill)."""
-        stream = GenerationStream(self, prompt, params, prefill)
+    # -- one scoring, many budgets ---------------------------------------------------------
+    def score(
+        self, prompt: Prompt, *, max_new_tokens: int = 256, lookahead: Sequence[int] | None = None
+    ) -> ScoredPrompt:
+        """Do the method's budget-free work on ``prompt`` once (the draft's pass, the target's
+        scoring prefill); :meth:`generate_from` then answers from it at any budget.
+
+        ``max_new_tokens`` sets SpecKV's default lookahead length (the answer's length).
+        ``lookahead`` (target token ids) replaces the draft's own lookahead, e.g. one written by
+        another pass; it is used as given.
+
+        Example, a budget sweep at the cost of one scoring pass::
+
+            scored = engine.score(prompt, max_new_tokens=64)
+            answers = {c: engine.generate_from(scored, budget=c, max_new_tokens=64) for c in (128, 256)}
+        """
+        check_prompt(prompt)
+        stats = GenerationStats(method=self.method)
+        request = Request(prompt, max_new_tokens, stats, None if lookahead is None else list(lookahead))
+        return self._method.score(request)
+
+    def generate_from(
+        self,
+        scored: ScoredPrompt,
+        *,
+        budget: int | None = None,
+        max_new_tokens: int = 256,
+        temperature: float | None = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+    ) -> Generation:
+        """Answer from a :meth:`score` result at ``budget`` (``None``: the config's budget): the
+        same answer as :meth:`generate` under a config with that budget, without scoring again
+        (SpecKV at a budget that holds the whole prompt is the one exception: alone it skips the
+        draft, here the prompt's entries come from the scoring prefill, equal up to rounding).
+
+        ``scored`` stays unchanged, so any number of budgets may be answered from it. The stats
+        count the scoring's cost as this answer's own. Full inference and StreamingLLM also
+        answer from another method's scoring of the same prompt (they need its cache only).
+        """
+        params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        method = self._method
+        if not method.accepts(scored):
+            raise InvalidInputError(
+                f"method {self.method!r} cannot answer from a {scored.method!r} scoring: score the "
+                f"prompt with this engine (engine.score(prompt)) first."
+            )
+        if budget is not None and self.config is None:
+            raise InvalidInputError("full inference keeps the whole prompt; leave budget unset.")
+        try:
+            checked = method.check_budget(budget)
+        except ValidationError as err:
+            detail = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in err.errors())
+            raise InvalidInputError(
+                f"budget {budget} does not fit the {self.method} settings: {detail}"
+            ) from err
+        stats = replace(scored.stats, method=self.method)
+        spent = stats.draft_s + stats.target_prefill_s
+        stream = GenerationStream(self, params, lambda: method.select(scored, checked, stats), stats)
+        return self._drain(stream, spent)
+
+    # -- the pipeline ----------------------------------------------------------------------
+    def _complete(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        return self._drain(self._stream(prompt, params))
+
+    def _stream(self, prompt: Prompt, params: SamplingParams) -> GenerationStream:
+        check_prompt(prompt)
+        stats = GenerationStats(method=self.method)
+        request = Request(prompt, params.max_new_tokens, stats)
+        return GenerationStream(self, params, lambda: self._method.prefill(request), stats)
+
+    @staticmethod
+    def _drain(stream: GenerationStream, spent: float = 0.0) -> Generation:
         for _ in stream:
             pass
         assert stream.generation is not None
+        stream.generation.stats.total_s += spent
         return stream.generation
 
-    # -- the pipeline ----------------------------------------------------------------------
     def _run(
-        self, prompt: Prompt, params: SamplingParams, sink: GenerationStream, prefill: Prefill | None = None
+        self, params: SamplingParams, sink: GenerationStream, prefill: _Prefill, stats: GenerationStats
     ) -> Generator[str, None, None]:
+        """validate -> the method's prefill -> decode."""
         start = time.perf_counter()
-        stats = GenerationStats(method=self.method)
-        check_prompt(prompt)
         if params.max_new_tokens == 0:
             stats.total_s = time.perf_counter() - start
             sink.generation = Generation(text="", finish_reason="length", stats=stats)
             return
-        if prefill is None:
-            cache, logits, next_position = self._prefill(prompt, params, stats)
-        else:
-            cache, logits, next_position = prefill(stats)
+        prefilled = prefill()
         decode_start = time.perf_counter()
         result = DecodeResult()
         text = TextStream(self.tokenizer, params.stop)
         for token in decode_tokens(
             self.target,
-            cache,
-            logits,
-            next_position=next_position,
+            prefilled.cache,
+            prefilled.logits,
+            next_position=prefilled.next_position,
             params=params,
             eos_token_ids=self._target_eos,
             result=result,
@@ -292,149 +321,6 @@ class SpecEngine:
         sink.generation = Generation(
             text=text.text, token_ids=result.token_ids, finish_reason=result.finish_reason, stats=stats
         )
-
-    def _prefill(
-        self, prompt: Prompt, params: SamplingParams, stats: GenerationStats
-    ) -> tuple[Any, torch.Tensor, int]:
-        """Returns the target's cache (compressed as the method says), the last prompt logits and
-        the RoPE position of the next token."""
-        config = self.config
-        lookahead: list[int] = []
-        if isinstance(config, SpecPCConfig | SpecKVPCConfig):
-            ids, lookahead = self._compress_prompt(prompt, params, stats)
-        else:
-            ids = encode_prompt(self.tokenizer, prompt)["input_ids"]
-            stats.prompt_tokens = ids.numel()
-        length = ids.numel()
-        check_fits(self.target, length + len(lookahead), role="target")
-        stats.target_prefill_tokens = length
-
-        kv_config = config.speckv if isinstance(config, SpecKVPCConfig) else config
-        if isinstance(kv_config, SpecKVConfig | SnapKVConfig) and kv_config.max_capacity_prompt < length:
-            return self._prefill_speckv(prompt, ids, lookahead, kv_config, params, stats)
-
-        cache = new_cache(self.target)
-        t0 = time.perf_counter()
-        logits = forward(self.target, ids[None], cache)[-1]
-        if isinstance(config, StreamingLLMConfig) and config.max_capacity_prompt < length:
-            keep_cache_positions(
-                cache, streaming_positions(length, config.max_capacity_prompt, config.sink_tokens)
-            )
-        stats.target_prefill_s = time.perf_counter() - t0
-        stats.kv_cache_tokens = int(cache.get_seq_length())
-        return cache, logits, length
-
-    def _compress_prompt(
-        self, prompt: Prompt, params: SamplingParams, stats: GenerationStats
-    ) -> tuple[torch.Tensor, list[int]]:
-        """SpecPC (and SpecKV-PC's first half): target prompt ids after compression, and the
-        draft's lookahead in target ids."""
-        assert self._specpc is not None
-        cascade = isinstance(self.config, SpecKVPCConfig)
-        n = self._lookahead_length(params) if cascade else None
-        t0 = time.perf_counter()
-        compression: Compression
-        if self.shared_vocabulary:
-            enc = encode_prompt(self.tokenizer, prompt, offsets=True)
-            compression = self._specpc.compress_encoded(
-                enc["text"], enc["input_ids"], enc["offsets"], lookahead_tokens=n
-            )
-            ids = compression.input_ids
-            lookahead = compression.lookahead_ids
-        else:
-            if n is None:
-                compression = self._specpc.compress(prompt)
-            else:
-                enc = encode_prompt(self.draft_tokenizer, prompt, offsets=True)
-                compression = self._specpc.compress_encoded(
-                    enc["text"], enc["input_ids"], enc["offsets"], lookahead_tokens=n
-                )
-            if is_messages(prompt) and compression.messages is None:
-                compression.messages = SpecPC._compressed_messages(
-                    prompt,  # type: ignore[arg-type]
-                    enc["text"],
-                    enc["offsets"],
-                    compression.kept_positions,
-                )
-            kept_prompt: Prompt = (
-                compression.messages if compression.messages is not None else compression.text
-            )
-            ids = encode_prompt(self.tokenizer, kept_prompt)["input_ids"]
-            lookahead = self._to_target_ids(compression.lookahead_ids)
-        stats.draft_s += time.perf_counter() - t0
-        stats.prompt_tokens = compression.original_tokens
-        stats.lookahead_tokens = len(lookahead) if cascade else 0
-        return ids, (lookahead if cascade else [])
-
-    def _prefill_speckv(
-        self,
-        prompt: Prompt,
-        ids: torch.Tensor,
-        lookahead: list[int],
-        config: SpecKVConfig | SnapKVConfig,
-        params: SamplingParams,
-        stats: GenerationStats,
-    ) -> tuple[Any, torch.Tensor, int]:
-        length = ids.numel()
-        if isinstance(config, SpecKVConfig) and not lookahead:
-            lookahead = self._draft_lookahead(prompt, ids, params, stats)
-        stats.lookahead_tokens = len(lookahead)
-        window = min(config.window_size, length)
-        recorder = HeadScoreRecorder(length - window, length, reduction=config.reduction_type)
-        full_ids = torch.cat([ids, torch.tensor(lookahead, dtype=torch.long)])  # [L + n]
-        cache = new_cache(self.target)
-        t0 = time.perf_counter()
-        # Logits of the last prompt token: position L - 1, i.e. n + 1 from the end.
-        logits = forward(
-            self.target, full_ids[None], cache, recorder=recorder, logits_to_keep=len(lookahead) + 1
-        )[0]
-        positions = torch.stack(
-            [
-                select_kv_positions(
-                    recorder.per_layer[layer],
-                    length,
-                    config.max_capacity_prompt,
-                    window_size=window,
-                    kernel_size=config.kernel_size,
-                    pool_type=config.pool_type,
-                )
-                for layer in range(len(cache.layers))
-            ]
-        )  # [layers, kv_heads, C]
-        keep_cache_positions(cache, positions)  # also drops the lookahead's entries
-        stats.target_prefill_s = time.perf_counter() - t0
-        stats.kv_cache_tokens = int(cache.get_seq_length())
-        return cache, logits, length
-
-    def _lookahead_length(self, params: SamplingParams) -> int:
-        config = self.config
-        kv = config.speckv if isinstance(config, SpecKVPCConfig) else config
-        n = kv.lookahead_tokens if isinstance(kv, SpecKVConfig) else None
-        return params.max_new_tokens if n is None else n
-
-    def _draft_lookahead(
-        self, prompt: Prompt, target_ids: torch.Tensor, params: SamplingParams, stats: GenerationStats
-    ) -> list[int]:
-        """SpecKV step 1: the draft's greedy approximate answer, in target token ids."""
-        n = self._lookahead_length(params)
-        if n == 0:
-            return []
-        t0 = time.perf_counter()
-        draft_ids = (
-            target_ids if self.shared_vocabulary else encode_prompt(self.draft_tokenizer, prompt)["input_ids"]
-        )
-        check_fits(self.draft, draft_ids.numel() + n, role="draft")
-        answer = draft_pass(self.draft, draft_ids, lookahead_tokens=n, eos_token_ids=self._draft_eos)
-        stats.draft_s += time.perf_counter() - t0
-        return answer if self.shared_vocabulary else self._to_target_ids(answer)
-
-    def _to_target_ids(self, draft_ids: list[int]) -> list[int]:
-        if self.shared_vocabulary or not draft_ids:
-            return list(draft_ids)
-        text = self.draft_tokenizer.decode(draft_ids, skip_special_tokens=True)
-        if not text:
-            return []
-        return encode(self.tokenizer, text, templated=True)["input_ids"].tolist()
 
 
 def _params(

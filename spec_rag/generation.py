@@ -1,15 +1,18 @@
 """Prefill, cache surgery and the token-by-token decode loop shared by every method.
 
-The loop is written out (rather than delegated to ``model.generate``) because after SpecKV the
-cache holds ``C`` entries while the next token sits at position ``L``: decoding must pass the
-true RoPE positions itself.
+Every method ends its prefill with a :class:`Prefilled` (the target's cache, the last prompt
+logits, the RoPE position of the next token); :func:`decode_tokens` takes it from there. The
+loop is written out (rather than delegated to ``model.generate``) because after SpecKV the cache
+holds ``C`` entries while the next token sits at position ``L``: decoding must pass the true
+RoPE positions itself.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +35,44 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.temperature
+
+
+@dataclass
+class GenerationStats:
+    """What one request cost. Token counts are per sequence; ``kv_cache_tokens`` is the number of
+    prompt entries each KV head keeps while decoding."""
+
+    method: str = "full"
+    prompt_tokens: int = 0
+    target_prefill_tokens: int = 0
+    kv_cache_tokens: int = 0
+    output_tokens: int = 0
+    lookahead_tokens: int = 0
+    draft_s: float = 0.0
+    target_prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Prefilled:
+    """What a method's prefill hands to the decode loop.
+
+    Attributes:
+        cache: the target's KV cache of the (possibly compressed) prompt; decoding appends to it.
+        logits: ``[vocab]`` the target's logits after the last prompt token.
+        next_position: RoPE position of the first generated token (the prompt length the target
+            saw, whatever the cache kept).
+        extras: method-specific outputs a later stage may use (e.g. the lookahead tokens).
+    """
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    next_position: int
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +152,19 @@ def keep_cache_positions(cache: DynamicCache, positions: torch.Tensor) -> None:
         idx = idx[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])  # [b, kv, C, d]
         layer.keys = torch.gather(keys, 2, idx).contiguous()
         layer.values = torch.gather(values, 2, idx).contiguous()
+
+
+def cache_view(cache: DynamicCache, positions: torch.Tensor | None = None) -> DynamicCache:
+    """A cache holding ``positions`` of ``cache`` (all of it for ``None``); ``cache`` is untouched.
+
+    Layers are copied shallowly and then gathered, so the view costs the kept entries only;
+    decoding appends by concatenation and never writes into ``cache``'s tensors.
+    """
+    view = copy.copy(cache)
+    view.layers = [copy.copy(layer) for layer in cache.layers]
+    if positions is not None:
+        keep_cache_positions(view, positions)
+    return view
 
 
 def cache_length(cache: DynamicCache) -> int:

@@ -1,4 +1,4 @@
-"""SpecPC: draft-based prompt compression (ALGORITHMS.md, section 2).
+"""SpecPC: draft-based prompt compression (docs/algorithms.md, "SpecPC").
 
 The draft reads the prompt once (plus a short lookahead); the attention of its last window of
 queries scores every prompt token, and only the best-scored tokens, with their neighbours,
@@ -193,9 +193,6 @@ class SpecPC:
         )
         return recorder.scores().cpu(), lookahead
 
-    def _smooth(self, scores: torch.Tensor) -> torch.Tensor:
-        return pool_scores(scores, self.config.kernel_size, self.config.pool_type)
-
     def _special_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Which tokens are special (``select_tokens`` decides whether that counts)."""
         if not self._special:
@@ -229,12 +226,30 @@ class SpecPC:
     ) -> Compression:
         """Compress an already tokenised prompt (``input_ids`` ``[L]`` with character ``offsets``)."""
         cfg = self.config
-        capacity = _check_capacity(
+        capacity = check_capacity(
             cfg.max_capacity_prompt if max_capacity_prompt is None else max_capacity_prompt, cfg.window_size
         )
         raw, lookahead = self.score_tokens(input_ids, lookahead_tokens=lookahead_tokens)
-        scores = self._smooth(raw)
-        kept = select_tokens(scores, capacity, cfg, self._special_mask(input_ids))
+        return self.cut(text, input_ids, offsets, self.smooth(raw), capacity, lookahead=lookahead)
+
+    def smooth(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[L]`` raw token scores pooled with the config's kernel (what selection ranks)."""
+        return pool_scores(scores, self.config.kernel_size, self.config.pool_type)
+
+    def cut(
+        self,
+        text: str,
+        input_ids: torch.Tensor,
+        offsets: Sequence[tuple[int, int]],
+        scores: torch.Tensor,
+        capacity: int,
+        *,
+        lookahead: Sequence[int] = (),
+    ) -> Compression:
+        """The prompt kept at ``capacity`` from smoothed ``scores`` (``[L]``): one scoring pass
+        (:meth:`score_tokens`, :meth:`smooth`) serves every budget."""
+        capacity = check_capacity(capacity, self.config.window_size)
+        kept = select_tokens(scores, capacity, self.config, self._special_mask(input_ids))
         return Compression(
             text=text_from_spans(text, offsets, kept.tolist()),
             input_ids=input_ids[kept],
@@ -242,7 +257,7 @@ class SpecPC:
             scores=scores,
             original_tokens=input_ids.numel(),
             compressed_tokens=kept.numel(),
-            lookahead_ids=lookahead,
+            lookahead_ids=list(lookahead),
         )
 
     @staticmethod
@@ -317,7 +332,7 @@ class SpecPC:
         for i in range(len(documents)):
             positions = torch.nonzero(owner == i).flatten()
             if positions.numel():
-                scores[positions] = self._smooth(raw[positions])
+                scores[positions] = self.smooth(raw[positions])
         kept = select_prompt_tokens(
             scores,
             capacity,
@@ -375,7 +390,7 @@ def _tokens_within(offsets: Sequence[tuple[int, int]], start: int, end: int) -> 
     return (spans[:, 1] > spans[:, 0]) & (spans[:, 0] >= start) & (spans[:, 1] <= end)
 
 
-def _check_capacity(capacity: int, window_size: int) -> int:
+def check_capacity(capacity: int, window_size: int) -> int:
     if capacity <= 0:
         raise InvalidInputError(f"max_capacity_prompt must be positive (got {capacity}).")
     if capacity < window_size:

@@ -175,22 +175,20 @@ def test_specpc_shares_one_draft_pass_across_budgets(tiny_harness, bpe, monkeypa
 
 
 @pytest.mark.parametrize("task", ["niah_single_2", "vt"])
-def test_one_prefill_and_one_draft_pass_keep_and_answer_what_each_method_alone_would(task, bpe, monkeypatch):
-    import spec_rag.bench.methods as methods_module
-    import spec_rag.engine as engine_module
+def test_one_scoring_per_method_and_one_draft_pass_keep_and_answer_what_each_method_alone_would(
+    task, bpe, monkeypatch
+):
+    import spec_rag.generation as generation_module
 
     target = tiny_model("qwen2", bpe, seed=1, layers=2)
     draft = tiny_model("qwen2", bpe, seed=2, layers=2)
-    kept: dict[str, list[torch.Tensor]] = {"alone": [], "shared": []}
-    for module, name in ((engine_module, "alone"), (methods_module, "shared")):
-        original = module.keep_cache_positions
-        monkeypatch.setattr(
-            module,
-            "keep_cache_positions",
-            lambda cache, positions, _o=original, _n=name: (
-                kept[_n].append(positions.clone()) or _o(cache, positions)
-            ),
-        )
+    kept: list[torch.Tensor] = []  # every cache cut, alone runs first, then shared ones
+    original = generation_module.keep_cache_positions
+    monkeypatch.setattr(
+        generation_module,
+        "keep_cache_positions",
+        lambda cache, positions: kept.append(positions.clone()) or original(cache, positions),
+    )
     prefills: dict[str, list[int]] = {"target": [], "draft": []}  # forwards over more than one token
     for name, model in (("target", target), ("draft", draft)):
         model.register_forward_pre_hook(
@@ -204,23 +202,28 @@ def test_one_prefill_and_one_draft_pass_keep_and_answer_what_each_method_alone_w
     sample = generate_sample(task, 700, 0, 0, bpe)
     runs = [("full", None)] + [(m, b) for m in ("speckv", "snapkv", "streamingllm") for b in (64, 128, 256)]
     outcomes = {}
+    cuts = {}
     for share in (False, True):
         harness = Harness(target, bpe, draft, bpe, max_new_tokens=6, share_prefill=share, share_specpc=share)
         ctx = harness.context(sample)
         prefills["target"].clear()
         prefills["draft"].clear()
+        kept.clear()
         outcomes[share] = [harness.run(ctx, m, b) for m, b in [*runs, ("specpc", 256)]]
+        cuts[share] = list(kept)
         if share:
-            # the prompt once and the lookahead once (on a scratch copy) for all ten answers, then
-            # SpecPC's kept prompt; one draft pass scored for SpecPC and wrote SpecKV's lookahead
+            # the prompt once (SnapKV's scoring), prompt + lookahead once (SpecKV's) for all ten
+            # answers, then SpecPC's kept prompt; one draft pass scored for SpecPC and wrote
+            # SpecKV's lookahead
+            length = outcomes[True][0].stats["prompt_tokens"]
             assert len(prefills["target"]) == 3
-            assert prefills["target"][1] == outcomes[True][1].stats["lookahead_tokens"]
+            assert prefills["target"][:2] == [length, length + outcomes[True][1].stats["lookahead_tokens"]]
             assert len(prefills["draft"]) == 1
         else:
             assert len(prefills["target"]) == len(runs) + 1
             assert len(prefills["draft"]) == 3 + 1  # SpecKV at three budgets, then SpecPC
-    assert len(kept["alone"]) == len(kept["shared"]) == 9
-    for alone, shared in zip(kept["alone"], kept["shared"], strict=True):
+    assert len(cuts[False]) == len(cuts[True]) == 9
+    for alone, shared in zip(cuts[False], cuts[True], strict=True):
         assert torch.equal(alone, shared)
     assert outcomes[True][-1].stats["kept_tokens"] == 256
     assert outcomes[False][-1].stats["target_prefill_tokens"] <= 256 * 1.05  # the engine's SpecPC
@@ -233,14 +236,15 @@ def test_one_prefill_and_one_draft_pass_keep_and_answer_what_each_method_alone_w
 
 # -- runner and report ---------------------------------------------------------------------------
 def _count_generate_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = SpecEngine._complete  # every answer, whether from generate() or a shared prefill
+    calls: list[int] = []  # every answer, whether from generate() or from a shared scoring
+    for name in ("generate", "generate_from"):
+        original = getattr(SpecEngine, name)
 
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
+        def counting(self, *args, _original=original, **kwargs):
+            calls.append(1)
+            return _original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SpecEngine, "_complete", counting)
+        monkeypatch.setattr(SpecEngine, name, counting)
     return calls
 
 

@@ -58,7 +58,11 @@ def test_speckv_with_budget_at_least_the_prompt_matches_model_generate(arch, tok
     length = len(tokenizer(text)["input_ids"])
     engine = SpecEngine(target, tokenizer, draft=draft, config=SpecKVConfig(max_capacity_prompt=length))
     gen = engine.generate(text, max_new_tokens=12)
-    assert gen.token_ids == _reference_greedy(target, tokenizer, text, 12)[: len(gen.token_ids)]
+    reference = _reference_greedy(target, tokenizer, text, 12)
+    if tokenizer.eos_token_id in reference:  # the engine stops at EOS and does not return it
+        reference = reference[: reference.index(tokenizer.eos_token_id)]
+        assert gen.finish_reason == "stop"
+    assert gen.token_ids == reference and len(reference) > 0
     assert gen.stats.kv_cache_tokens == length
 
 
@@ -70,9 +74,9 @@ def test_speckv_below_the_prompt_keeps_exactly_c_entries_per_head_with_the_windo
     )
     ids = tokenizer(long_text)["input_ids"]
     kept: list[torch.Tensor] = []
-    import spec_rag.engine as engine_module
+    import spec_rag.generation as generation_module
 
-    original = engine_module.keep_cache_positions
+    original = generation_module.keep_cache_positions
 
     def spy(cache, positions):
         kept.append(positions.clone())
@@ -80,11 +84,11 @@ def test_speckv_below_the_prompt_keeps_exactly_c_entries_per_head_with_the_windo
         for layer in cache.layers:
             assert layer.keys.shape[2] == 40 and layer.values.shape[2] == 40
 
-    engine_module.keep_cache_positions = spy
+    generation_module.keep_cache_positions = spy
     try:
         gen = engine.generate(long_text, max_new_tokens=4)
     finally:
-        engine_module.keep_cache_positions = original
+        generation_module.keep_cache_positions = original
     positions = kept[0]  # [layers, kv_heads, C]
     assert positions.shape == (target.config.num_hidden_layers, target.config.num_key_value_heads, 40)
     window = set(range(len(ids) - 8, len(ids)))
@@ -242,9 +246,18 @@ def test_zero_new_tokens_returns_empty_without_running_models(target, tokenizer)
     assert gen.text == "" and gen.token_ids == []
 
 
-@pytest.mark.parametrize("bad", ["", "   ", [], [{"role": "user", "content": ""}], 42])
-def test_empty_or_malformed_prompts_are_refused(bad, target, tokenizer):
-    with pytest.raises(InvalidInputError):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("", "the prompt is empty"),
+        ("   ", "the prompt is empty"),
+        ([], "must be a string or a list of chat messages"),
+        ([{"role": "user", "content": ""}], "every chat message is empty"),
+        (42, "must be a string or a list of chat messages"),
+    ],
+)
+def test_empty_or_malformed_prompts_are_refused(bad, message, target, tokenizer):
+    with pytest.raises(InvalidInputError, match=message):
         SpecEngine(target, tokenizer).generate(bad, max_new_tokens=3)
 
 
@@ -265,9 +278,16 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tokenizer, other_token
         SpecEngine(small, other_tokenizer)
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=-1), dict(temperature=-0.1), dict(top_p=0.0)])
-def test_bad_sampling_arguments_are_refused(kwargs, target, tokenizer):
-    with pytest.raises(InvalidInputError):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be 0 or more"),
+        (dict(temperature=-0.1), "temperature must be 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_bad_sampling_arguments_are_refused(kwargs, message, target, tokenizer):
+    with pytest.raises(InvalidInputError, match=message):
         SpecEngine(target, tokenizer).generate("hello", **kwargs)
 
 

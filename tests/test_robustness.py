@@ -71,7 +71,8 @@ def test_a_hundred_tiny_documents_share_the_budget(pc):
 
 @pytest.mark.parametrize("budget", [0, 1, 7])
 def test_budgets_below_the_window_are_refused(pc, budget, long_text):
-    with pytest.raises((InvalidInputError, ValueError)):
+    expected = "must be positive" if budget <= 0 else "smaller than window_size"
+    with pytest.raises(InvalidInputError, match=expected):
         pc.compress(long_text, max_capacity_prompt=budget)
 
 
@@ -87,19 +88,31 @@ def test_prompt_longer_than_the_drafts_context_says_what_to_do(target, tokenizer
         engine.generate(long_text, max_new_tokens=2)
 
 
-def test_a_stream_stopped_early_leaves_nothing_running(target, draft, tokenizer, long_text):
+def test_a_stream_runs_in_the_consumers_thread_and_stops_when_closed(target, draft, tokenizer, long_text):
     engine = SpecEngine(target, tokenizer, draft=draft, config=KV)
-    threads_before = threading.active_count()
-    stream = engine.stream(long_text, max_new_tokens=50)
-    next(stream)
-    stream.close()
-    del stream
-    gc.collect()
-    assert threading.active_count() == threads_before
-    with pytest.raises(StopIteration):
-        s = engine.stream(long_text, max_new_tokens=3)
-        s.close()
-        next(s)
+    callers: list[int] = []  # the thread of every forward pass of either model
+    hooks = [
+        model.register_forward_pre_hook(lambda m, a: callers.append(threading.get_ident()))
+        for model in (target, draft)
+    ]
+    try:
+        stream = engine.stream(long_text, max_new_tokens=50)
+        assert callers == []  # nothing runs before the consumer asks for text
+        next(stream)
+        assert callers and set(callers) == {threading.get_ident()}
+        ran = len(callers)
+        stream.close()
+        del stream
+        gc.collect()
+        assert len(callers) == ran  # closing stopped it: no forward pass after close
+        closed = engine.stream(long_text, max_new_tokens=3)
+        closed.close()
+        with pytest.raises(StopIteration):
+            next(closed)
+        assert len(callers) == ran
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_two_engines_with_different_models_do_not_disturb_each_other(tokenizer, long_text):

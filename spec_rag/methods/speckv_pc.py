@@ -1,0 +1,41 @@
+"""SpecKV-PC: SpecPC then SpecKV, from one draft pass (Galim et al., 2026).
+
+The draft reads the whole prompt once and writes SpecKV's lookahead; its attention (with the
+lookahead's queries) cuts the prompt (SpecPC), and the lookahead, appended to the kept prompt,
+guides the target's KV selection (SpecKV). Nothing here is new code: it chains the two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from spec_rag.config import SpecKVPCConfig
+from spec_rag.generation import GenerationStats, Prefilled
+from spec_rag.methods.base import Method, Models, Request, ScoredCache, ScoredPrompt
+from spec_rag.methods.speckv import SpecKV
+from spec_rag.methods.specpc import SpecPCMethod
+
+
+class SpecKVPC(Method):
+    info = SpecKVPCConfig.info
+    config: SpecKVPCConfig
+
+    def __init__(self, config: SpecKVPCConfig, models: Models) -> None:
+        super().__init__(config, models)
+        self.specpc = SpecPCMethod(config.specpc, models)
+        self.speckv = SpecKV(config.speckv, models)
+
+    def score(self, request: Request, budget: int | None = None) -> ScoredCache:
+        """The prompt cut at the SpecPC budget, then the target's scoring prefill of what is kept;
+        ``budget`` is the cache budget."""
+        pc_budget = self.specpc.config.max_capacity_prompt
+        n = self.speckv.lookahead_length(request)
+        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n)
+        ids = self.specpc.cut(tokens, pc_budget, request.stats)
+        request.stats.lookahead_tokens = len(tokens.lookahead)
+        scored = self.speckv.score_ids(replace(request, lookahead=tokens.lookahead), ids, budget)
+        scored.method = self.name
+        return scored
+
+    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
+        return self.speckv.select(scored, budget, stats)
