@@ -246,7 +246,7 @@ def test_models_load_lazily_once_across_threads_and_full_skips_the_draft(monkeyp
         time.sleep(0.2)  # widen the window in which a second thread could start a second load
         return target, tokenizer
 
-    monkeypatch.setattr(base_module, "get_model", fake_get_model)
+    monkeypatch.setattr("spec_rag.models.get_model", fake_get_model)
     llm = SpecKVLLM(model="the-target", draft="the-draft", method="full", max_new_tokens=4)
     assert calls == []
     threads = [threading.Thread(target=llm.complete, args=(PROMPT,)) for _ in range(4)]
