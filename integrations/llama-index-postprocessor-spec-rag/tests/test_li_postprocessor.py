@@ -287,3 +287,13 @@ def test_draft_named_by_string_is_loaded_once_across_threads(monkeypatch, tiny_d
         thread.join()
     assert calls == [("some-draft", "float32")]
     assert len(results) == 4 and all(r == results[0] for r in results)
+
+
+def test_an_empty_node_leaves_the_others_unchanged(tiny_postprocessor):
+    nodes = _nodes(3)
+    alone = tiny_postprocessor.postprocess_nodes(nodes, query_str=QUERY)
+    empty = NodeWithScore(node=TextNode(id_="empty", text=""), score=0.5)
+    mixed = tiny_postprocessor.postprocess_nodes([empty, *nodes], query_str=QUERY)
+    assert [(n.node.node_id, n.node.get_content()) for n in mixed] == [
+        (n.node.node_id, n.node.get_content()) for n in alone
+    ]
