@@ -44,6 +44,8 @@ from spec_rag.specpc import DocumentCompression, SpecPC
 __all__ = [
     "DEFAULT_DRAFT",
     "DEFAULT_TARGET",
+    "SAMPLING_FIELDS",
+    "SOURCE_NAMES",
     "SPLITTER_DEFAULTS",
     "Budget",
     "Delta",
@@ -93,6 +95,11 @@ _CALL_OPTIONS = {
     "seed": "seed",
     "stop": "stop",
 }
+
+#: The keyword arguments that name an adapter's models, in ``engine_source``'s order.
+SOURCE_NAMES = ("model", "llm", "tokenizer", "engine", "draft", "draft_model", "draft_tokenizer")
+#: Sampling settings an adapter instance holds under the engine's own names.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 
 T = TypeVar("T")
 

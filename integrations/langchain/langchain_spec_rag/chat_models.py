@@ -13,21 +13,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from spec_rag import Generation, SpecEngine
-from spec_rag.adapters import (
-    Budget,
-    Delta,
-    LazyEngine,
-    Lookahead,
-    MaxNewTokens,
-    Temperature,
-    TopK,
-    TopP,
-    Window,
-    engine_source,
-    in_threads,
-    sampling_options,
-    usage,
-)
+from spec_rag import adapters as core
 
 _ROLES = {"system": "system", "developer": "system", "human": "user", "ai": "assistant"}
 _METHOD_FIELDS = ("max_capacity_prompt", "window_size", "prompt_capacity", "lookahead_tokens")
@@ -100,15 +86,15 @@ class ChatSpecKV(BaseChatModel):
     draft_tokenizer: Any = Field(default=None, exclude=True, repr=False)
 
     method: str = "speckv"
-    max_capacity_prompt: Budget | None = None
-    window_size: Window | None = None
-    prompt_capacity: Budget | None = None
-    lookahead_tokens: Lookahead | None = None
+    max_capacity_prompt: core.Budget | None = None
+    window_size: core.Window | None = None
+    prompt_capacity: core.Budget | None = None
+    lookahead_tokens: core.Lookahead | None = None
 
-    max_tokens: MaxNewTokens = Field(default=256, alias="max_new_tokens")
-    temperature: Temperature = 0.0
-    top_p: TopP = 1.0
-    top_k: TopK = 0
+    max_tokens: core.MaxNewTokens = Field(default=256, alias="max_new_tokens")
+    temperature: core.Temperature = 0.0
+    top_p: core.TopP = 1.0
+    top_k: core.TopK = 0
     seed: int | None = None
     stop: list[str] | None = None
     streaming: bool = False
@@ -119,27 +105,19 @@ class ChatSpecKV(BaseChatModel):
     max_retries: int | None = None
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
 
-    _core: LazyEngine = PrivateAttr()
+    _core: core.LazyEngine = PrivateAttr()
 
     # -- construction (cheap: nothing is loaded here) ------------------------------------------
     @model_validator(mode="after")
     def _check_sources(self) -> ChatSpecKV:
-        source = engine_source(
-            "ChatSpecKV",
-            model=self.model,
-            llm=self.llm,
-            tokenizer=self.tokenizer,
-            engine=self.engine,
-            draft=self.draft,
-            draft_model=self.draft_model,
-            draft_tokenizer=self.draft_tokenizer,
-            method=self.method if "method" in self.model_fields_set else None,
-            fields={name: getattr(self, name) for name in _METHOD_FIELDS},
-            dtype=self.dtype,
-            device=self.device,
+        method = self.method if "method" in self.model_fields_set else None
+        fields = {name: getattr(self, name) for name in _METHOD_FIELDS}
+        sources = {name: getattr(self, name) for name in core.SOURCE_NAMES}
+        source = core.engine_source(
+            "ChatSpecKV", **sources, method=method, fields=fields, dtype=self.dtype, device=self.device
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method
-        self._core = LazyEngine(source)
+        self._core = core.LazyEngine(source)
         return self
 
     def _resolve_model_profile(self) -> ModelProfile | None:
@@ -224,18 +202,12 @@ class ChatSpecKV(BaseChatModel):
                 "per call; create another ChatSpecKV(model=...) (loaded models are shared)."
             )
         kwargs.pop("stream", None)  # set by LangChain's streaming plumbing, not a model option
-        defaults = {
-            "max_new_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-        }
+        defaults = {"max_new_tokens": self.max_tokens, **{n: getattr(self, n) for n in core.SAMPLING_FIELDS}}
         kwargs["stop"] = [*(self.stop or []), *(stop or []), *(kwargs.get("stop") or [])]
-        return _to_chat(messages), sampling_options("ChatSpecKV", defaults, kwargs)
+        return _to_chat(messages), core.sampling_options("ChatSpecKV", defaults, kwargs)
 
     def _metadata(self, generation: Generation) -> tuple[UsageMetadata, dict[str, Any]]:
-        counts = usage(generation)
+        counts = core.usage(generation)
         metadata = UsageMetadata(
             input_tokens=counts["prompt_tokens"],
             output_tokens=counts["completion_tokens"],
@@ -262,7 +234,7 @@ class ChatSpecKV(BaseChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _chunk(self, delta: Delta) -> ChatGenerationChunk:
+    def _chunk(self, delta: core.Delta) -> ChatGenerationChunk:
         if delta.generation is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
         usage_metadata, response = self._metadata(delta.generation)
@@ -297,7 +269,7 @@ class ChatSpecKV(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         # Decoding is CPU/GPU work in this process: each step runs in a worker thread.
         deltas = self._core.stream(*self._request(messages, stop, kwargs))
-        async for delta in in_threads(deltas):
+        async for delta in core.in_threads(deltas):
             chunk = self._chunk(delta)
             if run_manager and delta.text:
                 await run_manager.on_llm_new_token(delta.text, chunk=chunk)

@@ -32,6 +32,8 @@ from llama_index.core.llms.llm import default_completion_to_prompt
 
 from spec_rag import Generation, SpecEngine
 from spec_rag.adapters import (
+    SAMPLING_FIELDS,
+    SOURCE_NAMES,
     Budget,
     Delta,
     LazyEngine,
@@ -139,17 +141,13 @@ class SpecKVLLM(CustomLLM):
         **kwargs: Any,
     ) -> None:
         super().__init__(model=model, draft=draft, **kwargs)
+        given = (model, llm, tokenizer, engine, draft, draft_model, draft_tokenizer)
+        fields = {name: getattr(self, name) for name in _METHOD_FIELDS}
         source = engine_source(
             "SpecKVLLM",
-            model=model,
-            llm=llm,
-            tokenizer=tokenizer,
-            engine=engine,
-            draft=draft,
-            draft_model=draft_model,
-            draft_tokenizer=draft_tokenizer,
+            **dict(zip(SOURCE_NAMES, given, strict=True)),
             method=kwargs.get("method"),
-            fields={name: getattr(self, name) for name in _METHOD_FIELDS},
+            fields=fields,
             dtype=self.dtype,
             device=self.device,
         )
@@ -189,14 +187,7 @@ class SpecKVLLM(CustomLLM):
 
     def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Engine sampling arguments: the instance's, overridden by per-call keyword arguments."""
-        defaults = {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": self.stop,
-        }
+        defaults = {n: getattr(self, n) for n in ("max_new_tokens", "stop", *SAMPLING_FIELDS)}
         return sampling_options("SpecKVLLM", defaults, kwargs)
 
     # -- prompts -----------------------------------------------------------------------------
