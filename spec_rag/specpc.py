@@ -8,7 +8,7 @@ reach the target.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -291,19 +291,33 @@ class SpecPC:
         *,
         instruction: str = DEFAULT_INSTRUCTION,
         max_capacity_prompt: int | None = None,
+        max_document_tokens: int | None = None,
     ) -> list[DocumentCompression]:
         """Compress retrieved documents for ``query`` under one whole-prompt budget.
 
         The prompt ``[instruction] [doc 1] ... [doc m] [question]`` is scored once; the
         instruction, document headers and question are always kept and count against the
-        budget, and the documents share the rest by score. Returns one entry per input
-        document, in input order (``kept_tokens == 0`` where nothing was worth keeping).
+        budget, and the documents share the rest by score. ``max_document_tokens`` instead
+        budgets the documents alone: they share that many tokens, the fixed parts come on top.
+        Returns one entry per input document, in input order (``kept_tokens == 0`` where
+        nothing was worth keeping). Empty and whitespace-only documents stay out of the prompt,
+        so they take no budget, and come back as they are with ``original_tokens == 0``.
         """
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the query is empty; SpecPC scores documents by what they say about it.")
         if isinstance(documents, str):
             raise InvalidInputError("documents must be a list of strings, not one string.")
         documents = [str(d) for d in documents]
+        present = [i for i, d in enumerate(documents) if d.strip()]
+        if len(present) < len(documents):
+            out = [DocumentCompression(i, d, 0.0, 0, 0) for i, d in enumerate(documents)]
+            budgets = {"max_capacity_prompt": max_capacity_prompt, "max_document_tokens": max_document_tokens}
+            parts = self.compress_documents(
+                query, [documents[i] for i in present], instruction=instruction, **budgets
+            )
+            for i, part in zip(present, parts, strict=True):
+                out[i] = replace(part, index=i)
+            return out
         if not documents:
             return []
         text, spans = self._document_prompt(query, documents, instruction)
@@ -318,6 +332,13 @@ class SpecPC:
         in_docs = owner >= 0
         protected = int((~in_docs).sum())
         capacity = self.config.max_capacity_prompt if max_capacity_prompt is None else max_capacity_prompt
+        if max_document_tokens is not None:
+            if max_capacity_prompt is not None or max_document_tokens <= 0:
+                raise InvalidInputError(
+                    "pass a positive max_document_tokens or max_capacity_prompt, not both "
+                    f"(got {max_document_tokens} and {max_capacity_prompt})."
+                )
+            capacity = protected + max_document_tokens
         if capacity <= 0:
             raise InvalidInputError(f"max_capacity_prompt must be positive (got {capacity}).")
         if capacity <= protected and capacity < length:

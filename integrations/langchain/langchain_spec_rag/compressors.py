@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -10,7 +9,8 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from spec_rag import InvalidInputError, SpecPC, SpecPCConfig
+from spec_rag import SpecPC, SpecPCConfig
+from spec_rag.adapters import Budget, DocumentCompressor, draft_source
 
 # SpecPCConfig fields a user may set one by one on the compressor (besides max_capacity_prompt).
 _CONFIG_FIELDS = tuple(name for name in SpecPCConfig.model_fields if name != "max_capacity_prompt")
@@ -21,24 +21,28 @@ class SpecPCCompressor(BaseDocumentCompressor):
     query once, and its attention decides which tokens of each document are worth keeping.
 
     Every output document is a new ``Document`` with the input's ``id`` and a copy of its
-    metadata, plus ``metadata["spec_rag"]``: ``score`` (mean token importance, best document
-    = 1.0), ``original_tokens``, ``kept_tokens`` and ``ratio``. Documents of which nothing was
-    kept are dropped. All documents share one token budget, so the useful ones keep more.
+    metadata, plus ``metadata["spec_rag"]``: ``score`` (the importance of the document's best
+    token, best document = 1.0), ``original_tokens``, ``kept_tokens`` and ``ratio``. All
+    documents share one budget, so the useful ones keep more; documents of which nothing was
+    kept are dropped (a warning is logged, once per compressor). Empty and whitespace-only
+    documents take no budget and are dropped.
 
-    Give the draft one of three ways (checked at construction, loaded on first use):
-        draft: a model name or path, loaded through ``spec_rag.get_model`` (shared cache), e.g.
-            ``"qwen2.5-coder-0.5b-instruct"``.
+    Give the draft one of three ways (checked at construction, loaded on first use; none gives
+    ``"qwen2.5-coder-0.5b-instruct"``):
+        draft: a model name or path, loaded through ``spec_rag.get_model`` (shared cache).
         draft_model / draft_tokenizer: an already loaded Hugging Face causal LM and its fast
             tokenizer.
-        specpc: a ready ``spec_rag.SpecPC`` (its own config is used).
+        specpc: a ready ``spec_rag.SpecPC`` (its config is the base; fields given here override it).
 
     Args:
-        max_capacity_prompt: token budget of the whole compression prompt (instruction, document
-            headers and query included; they are always kept).
+        max_capacity_prompt: tokens of the documents kept, all documents together. The
+            instruction, document headers and query are kept on top of it.
         window_size, kernel_size, neighbor_tokens, pool_type, reduction_type, lookahead_tokens,
             starting_layer_index, weighted_query, keep_special_tokens: ``SpecPCConfig`` fields;
-            ``None`` keeps the paper's default.
-        config: a whole ``SpecPCConfig`` instead of the fields above.
+            ``None`` keeps the default. ``kernel_size`` and ``neighbor_tokens`` default to 16,
+            which suits text-splitter chunks of about 200 tokens; for documents of thousands of
+            tokens the paper's 64 keeps whole passages together.
+        config: a whole ``SpecPCConfig`` as the base of the fields above.
         dtype / device: how a draft given by name is loaded.
         order: ``"input"`` keeps the retriever's order, ``"score"`` sorts best first.
         instruction: the line the draft reads before the documents (default: SpecPC's).
@@ -61,7 +65,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
     draft_tokenizer: Any = Field(default=None, exclude=True, repr=False)
     specpc: SpecPC | None = Field(default=None, exclude=True, repr=False)
 
-    max_capacity_prompt: int = Field(default=1024, gt=0)
+    max_capacity_prompt: Budget = 1024
     window_size: int | None = None
     kernel_size: int | None = None
     neighbor_tokens: int | None = None
@@ -78,81 +82,33 @@ class SpecPCCompressor(BaseDocumentCompressor):
     order: Literal["input", "score"] = "input"
     instruction: str | None = None
 
-    _config: SpecPCConfig = PrivateAttr()
-    _specpc: SpecPC | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _core: DocumentCompressor = PrivateAttr()
 
     @model_validator(mode="after")
-    def _resolve_config(self) -> SpecPCCompressor:
-        sources = [
-            name
-            for name, given in (
-                ("draft", self.draft is not None),
-                ("draft_model", self.draft_model is not None),
-                ("specpc", self.specpc is not None),
-            )
-            if given
-        ]
-        if len(sources) != 1:
-            found = f"got {' and '.join(sources)}" if sources else "got none"
-            raise ValueError(
-                f"SpecPCCompressor needs exactly one draft ({found}): pass draft='<name or path>' "
-                "(e.g. 'qwen2.5-coder-0.5b-instruct'), or draft_model=... with draft_tokenizer=..., "
-                "or specpc=SpecPC(...)."
-            )
-        if (self.draft_model is None) != (self.draft_tokenizer is None):
-            raise ValueError("draft_model and draft_tokenizer go together: pass both, or draft='<name>'.")
-        fields = {name: getattr(self, name) for name in _CONFIG_FIELDS if getattr(self, name) is not None}
-        budget_set = "max_capacity_prompt" in self.model_fields_set
-        if self.specpc is not None:
-            if fields or self.config is not None:
-                raise ValueError(
-                    "specpc=... carries its own SpecPCConfig; do not also pass config fields "
-                    f"({', '.join([*fields, *(['config'] if self.config else [])])}). "
-                    "Build the SpecPC with the config you want instead."
-                )
-            config = self.specpc.config
-            if budget_set:
-                config = SpecPCConfig(
-                    **{**config.model_dump(), "max_capacity_prompt": self.max_capacity_prompt}
-                )
-        elif self.config is not None:
-            if fields:
-                raise ValueError(
-                    f"pass either config=SpecPCConfig(...) or single fields ({', '.join(fields)}), not both."
-                )
-            config = self.config
-            if budget_set:
-                config = SpecPCConfig(
-                    **{**config.model_dump(), "max_capacity_prompt": self.max_capacity_prompt}
-                )
-        else:
-            config = SpecPCConfig(max_capacity_prompt=self.max_capacity_prompt, **fields)
-        self._config = config
+    def _check_sources(self) -> SpecPCCompressor:
+        fields = {name: getattr(self, name) for name in _CONFIG_FIELDS}
+        no_base = self.config is None and self.specpc is None
+        if no_base or "max_capacity_prompt" in self.model_fields_set:
+            fields["max_capacity_prompt"] = self.max_capacity_prompt
+        source = draft_source(
+            "SpecPCCompressor",
+            draft=self.draft,
+            draft_model=self.draft_model,
+            draft_tokenizer=self.draft_tokenizer,
+            specpc=self.specpc,
+            config=self.config,
+            fields=fields,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.draft = source.draft
+        self._core = DocumentCompressor(source)
         return self
 
     @property
     def spec_config(self) -> SpecPCConfig:
         """The SpecPC configuration this compressor runs with."""
-        return self._config
-
-    def _compressor(self) -> SpecPC:
-        """The SpecPC instance, built (and the draft loaded) on first use; thread-safe."""
-        if self._specpc is not None:
-            return self._specpc
-        with self._lock:
-            if self._specpc is None:
-                if self.specpc is not None:
-                    self._specpc = self.specpc
-                else:
-                    model, tokenizer = self.draft_model, self.draft_tokenizer
-                    if model is None:
-                        from spec_rag.models import get_model  # imported on first use: it is heavy
-
-                        assert self.draft is not None  # checked at construction
-                        model, tokenizer = get_model(self.draft, dtype=self.dtype, device=self.device)
-                    self._specpc = SpecPC(model, tokenizer, self._config)
-            return self._specpc
+        return self._core.source.config
 
     def compress_documents(
         self,
@@ -166,20 +122,14 @@ class SpecPCCompressor(BaseDocumentCompressor):
         input order or by score (see ``order``); documents with nothing kept are left out.
 
         Raises:
-            ValueError: the query is empty (``spec_rag.InvalidInputError``) or the budget
-                cannot hold the instruction and query.
+            ValueError: the query is empty (``spec_rag.InvalidInputError``).
         """
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidInputError(
-                "SpecPCCompressor got an empty query: SpecPC scores documents by how they answer it. "
-                "Pass the user's question."
-            )
-        if not documents:
-            return []
-        kwargs: dict[str, Any] = {"max_capacity_prompt": self._config.max_capacity_prompt}
-        if self.instruction is not None:
-            kwargs["instruction"] = self.instruction
-        parts = self._compressor().compress_documents(query, [d.page_content for d in documents], **kwargs)
+        parts = self._core.compress(
+            query,
+            [d.page_content for d in documents],
+            budget=self.spec_config.max_capacity_prompt,
+            instruction=self.instruction,
+        )
         kept = [(doc, part) for doc, part in zip(documents, parts, strict=True) if part.kept_tokens > 0]
         if self.order == "score":
             kept.sort(key=lambda pair: pair[1].score, reverse=True)  # stable: ties keep input order

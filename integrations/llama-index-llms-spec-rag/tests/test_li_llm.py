@@ -246,7 +246,7 @@ def test_models_load_lazily_once_across_threads_and_full_skips_the_draft(monkeyp
         time.sleep(0.2)  # widen the window in which a second thread could start a second load
         return target, tokenizer
 
-    monkeypatch.setattr(base_module, "get_model", fake_get_model)
+    monkeypatch.setattr("spec_rag.models.get_model", fake_get_model)
     llm = SpecKVLLM(model="the-target", draft="the-draft", method="full", max_new_tokens=4)
     assert calls == []
     threads = [threading.Thread(target=llm.complete, args=(PROMPT,)) for _ in range(4)]
@@ -287,3 +287,28 @@ def test_is_a_custom_llm_with_a_class_name_and_serialisable_config():
 
 def test_package_exports_only_the_llm():
     assert package.__all__ == ["SpecKVLLM"]
+
+
+# -- token counting --------------------------------------------------------------------------
+def test_settings_tokenizer_counts_with_the_targets_tokenizer(models):
+    from llama_index.core import Settings
+    from llama_index.core.node_parser import SentenceSplitter
+
+    _, _, tokenizer = models
+    llm = _llm(models)
+    count = llm.get_tokenizer()
+    assert count("The Aurora vault") == tokenizer.encode("The Aurora vault", add_special_tokens=False)
+    saved = Settings._tokenizer
+    try:
+        Settings.tokenizer = llm.get_tokenizer()
+        chunks = SentenceSplitter(chunk_size=40, chunk_overlap=0).split_text(PROMPT)
+    finally:
+        Settings._tokenizer = saved
+    sizes = [len(tokenizer.encode(chunk, add_special_tokens=False)) for chunk in chunks]
+    assert len(chunks) > 1 and max(sizes) <= 40 < sum(sizes)
+
+
+def test_count_tokens_is_what_the_engine_reads(llm):
+    messages = [ChatMessage(role=MessageRole.USER, content=PROMPT)]
+    assert llm.count_tokens(messages) == llm.chat(messages).raw["usage"]["prompt_tokens"]
+    assert llm.count_tokens("") == 0

@@ -19,7 +19,6 @@ from llama_index.core.schema import (
     TextNode,
 )
 from llama_index.postprocessor.spec_rag import SpecPCNodePostprocessor
-from llama_index.postprocessor.spec_rag import base as base_module
 
 from spec_rag import DocumentCompression, ModelNotFoundError, SpecPC, SpecPCConfig
 
@@ -162,7 +161,7 @@ def test_the_budget_is_read_at_every_call():
     postprocessor.postprocess_nodes(nodes, query_str=QUERY)
     postprocessor.max_capacity_prompt = 200
     postprocessor.postprocess_nodes(nodes, query_str=QUERY)
-    assert [options["max_capacity_prompt"] for options in scripted.options] == [300, 200]
+    assert [options["max_document_tokens"] for options in scripted.options] == [300, 200]
 
 
 # -- input checks ----------------------------------------------------------------------------
@@ -206,10 +205,10 @@ def test_ambiguous_or_incomplete_draft_arguments_are_refused(kwargs):
 def test_fields_passed_with_a_specpc_override_its_config(tiny_draft):
     model, tokenizer = tiny_draft
     specpc = SpecPC(model, tokenizer, SpecPCConfig(**SMALL))
-    assert SpecPCNodePostprocessor(specpc=specpc)._compressor() is specpc
+    assert SpecPCNodePostprocessor(specpc=specpc)._core.get() is specpc
     changed = SpecPCNodePostprocessor(specpc=specpc, max_capacity_prompt=200)
     assert changed.max_capacity_prompt == 200
-    assert changed._compressor().config == SpecPCConfig(**{**SMALL, "max_capacity_prompt": 200})
+    assert changed._core.get().config == SpecPCConfig(**{**SMALL, "max_capacity_prompt": 200})
 
 
 def test_is_a_node_postprocessor_with_a_class_name_and_serialisable_config():
@@ -233,7 +232,7 @@ def test_tiny_draft_keeps_the_prompt_within_budget(tiny_postprocessor):
     kept = sum(n.node.metadata["spec_rag_kept_tokens"] for n in out)
     original = sum(n.node.metadata["spec_rag_original_tokens"] for n in out)
     assert 0 < kept < original
-    assert kept < SMALL["max_capacity_prompt"]
+    assert kept == SMALL["max_capacity_prompt"], "the budget counts the nodes' tokens"
     assert max(n.node.metadata["spec_rag_score"] for n in out) == pytest.approx(1.0)
     for node in out:  # kept text is made of pieces of the original text
         source = next(n for n in nodes if n.node.node_id == node.node.node_id).node.get_content()
@@ -270,7 +269,7 @@ def test_draft_named_by_string_is_loaded_once_across_threads(monkeypatch, tiny_d
         time.sleep(0.2)  # widen the window in which a second thread could start a second load
         return tiny_draft
 
-    monkeypatch.setattr(base_module, "get_model", fake_get_model)
+    monkeypatch.setattr("spec_rag.models.get_model", fake_get_model)
     postprocessor = SpecPCNodePostprocessor(draft="some-draft", dtype="float32", **SMALL)
     assert calls == []  # nothing loads at construction
     results: list[list[str]] = []
@@ -288,3 +287,13 @@ def test_draft_named_by_string_is_loaded_once_across_threads(monkeypatch, tiny_d
         thread.join()
     assert calls == [("some-draft", "float32")]
     assert len(results) == 4 and all(r == results[0] for r in results)
+
+
+def test_an_empty_node_leaves_the_others_unchanged(tiny_postprocessor):
+    nodes = _nodes(3)
+    alone = tiny_postprocessor.postprocess_nodes(nodes, query_str=QUERY)
+    empty = NodeWithScore(node=TextNode(id_="empty", text=""), score=0.5)
+    mixed = tiny_postprocessor.postprocess_nodes([empty, *nodes], query_str=QUERY)
+    assert [(n.node.node_id, n.node.get_content()) for n in mixed] == [
+        (n.node.node_id, n.node.get_content()) for n in alone
+    ]

@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_spec_rag import ChatSpecKV
 
 from spec_rag import SpecEngine, SpecKVConfig
+from spec_rag.adapters import LazyEngine
 
 PROMPT = "Explain what a class definition binds, in one line."
 LONG_PROMPT = "Summarise this passage.\n\n" + " ".join(["A class definition binds the class name."] * 30)
@@ -64,14 +65,14 @@ def test_construction_loads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "exactly one target"),
+        ({"model": "t", "llm": object(), "tokenizer": object()}, "one target model"),
         ({"model": "t"}, "needs a draft model"),
         ({"model": "t", "draft": "d", "method": "magic"}, "unknown method"),
         ({"model": "t", "draft": "d", "prompt_capacity": 512}, "only|speckv-pc"),
         ({"model": "t", "draft": "d", "max_capacity_prompt": 16}, "Raise max_capacity_prompt"),
         ({"llm": object()}, "llm and tokenizer go together"),
     ],
-    ids=["no-target", "speckv-without-draft", "unknown-method", "prompt-capacity", "budget", "llm-alone"],
+    ids=["two-targets", "speckv-without-draft", "unknown-method", "prompt-capacity", "budget", "llm-alone"],
 )
 def test_invalid_configuration_fails_at_construction_with_the_fix(
     kwargs: dict[str, Any], message: str
@@ -98,8 +99,12 @@ def test_engine_fixes_the_method(target: Any, tokenizer: Any, draft: Any) -> Non
         target, tokenizer, draft, tokenizer, SpecKVConfig(max_capacity_prompt=64, window_size=8)
     )
     assert ChatSpecKV(engine=engine).method == "speckv"
-    with pytest.raises(ValueError, match=r"engine\.with_config"):
-        ChatSpecKV(engine=engine, method="full")
+    full = ChatSpecKV(engine=engine, method="full", max_tokens=6)
+    assert full.method == "full"
+    assert (
+        full.invoke(PROMPT).content
+        == engine.with_config(None).generate([{"role": "user", "content": PROMPT}], max_new_tokens=6).text
+    )
 
 
 def test_tool_calling_is_refused_with_an_explanation(chat: ChatSpecKV) -> None:
@@ -339,13 +344,13 @@ def test_eight_threads_on_one_instance_get_the_answer_each_would_alone(chat: Cha
 
 def test_the_engine_is_built_once_across_threads(monkeypatch: pytest.MonkeyPatch, chat: ChatSpecKV) -> None:
     builds: list[int] = []
-    real_build = ChatSpecKV._build_engine
+    real_build = LazyEngine._build
 
-    def counting(self: ChatSpecKV) -> SpecEngine:
+    def counting(self: LazyEngine) -> SpecEngine:
         builds.append(1)
         return real_build(self)
 
-    monkeypatch.setattr(ChatSpecKV, "_build_engine", counting)
+    monkeypatch.setattr(LazyEngine, "_build", counting)
     threads = [
         threading.Thread(target=chat.invoke, args=(PROMPT,), kwargs={"max_tokens": 2}) for _ in range(4)
     ]

@@ -56,10 +56,14 @@ def test_construction_loads_nothing_and_first_use_loads_the_draft() -> None:
         compressor.compress_documents(_documents(), QUERY)
 
 
+def test_no_draft_is_the_default_draft() -> None:
+    assert SpecPCCompressor().draft == "qwen2.5-coder-0.5b-instruct"
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"draft": "a", "draft_model": object(), "draft_tokenizer": object()}, {"draft_model": object()}],
-    ids=["no-draft", "two-drafts", "model-without-tokenizer"],
+    [{"draft": "a", "draft_model": object(), "draft_tokenizer": object()}, {"draft_model": object()}],
+    ids=["two-drafts", "model-without-tokenizer"],
 )
 def test_construction_needs_exactly_one_complete_draft(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="draft"):
@@ -74,20 +78,21 @@ def test_invalid_config_fails_at_construction_with_the_fix() -> None:
 def test_config_fields_become_the_specpc_config() -> None:
     compressor = SpecPCCompressor(draft="x", max_capacity_prompt=300, kernel_size=9, starting_layer_index=2)
     assert compressor.spec_config == SpecPCConfig(
-        max_capacity_prompt=300, kernel_size=9, starting_layer_index=2
+        max_capacity_prompt=300, kernel_size=9, neighbor_tokens=16, starting_layer_index=2
     )
 
 
-def test_whole_config_and_single_fields_are_exclusive() -> None:
-    with pytest.raises(ValueError, match="not both"):
-        SpecPCCompressor(draft="x", config=SpecPCConfig(), kernel_size=9)
+def test_single_fields_override_a_whole_config() -> None:
+    compressor = SpecPCCompressor(draft="x", config=SpecPCConfig(max_capacity_prompt=500), kernel_size=9)
+    assert compressor.spec_config == SpecPCConfig(max_capacity_prompt=500, kernel_size=9)
 
 
 def test_specpc_instance_brings_its_own_config(draft: Any, tokenizer: Any) -> None:
     specpc = SpecPC(draft, tokenizer, SpecPCConfig(max_capacity_prompt=200, **SMALL))
     assert SpecPCCompressor(specpc=specpc).spec_config == specpc.config
-    with pytest.raises(ValueError, match="its own SpecPCConfig"):
-        SpecPCCompressor(specpc=specpc, kernel_size=3)
+    assert SpecPCCompressor(specpc=specpc, kernel_size=3).spec_config == specpc.config.model_copy(
+        update={"kernel_size": 3}
+    )
 
 
 # -- compress_documents -----------------------------------------------------------------------
@@ -124,7 +129,8 @@ def test_outputs_are_what_specpc_kept_in_input_order(
 ) -> None:
     documents = _documents()
     specpc = SpecPC(draft, tokenizer, compressor.spec_config)
-    parts = specpc.compress_documents(QUERY, [d.page_content for d in documents])
+    budget = compressor.spec_config.max_capacity_prompt
+    parts = specpc.compress_documents(QUERY, [d.page_content for d in documents], max_document_tokens=budget)
     expected = [(documents[p.index].id, p.text) for p in parts if p.kept_tokens > 0]
     assert [(d.id, d.page_content) for d in compressor.compress_documents(documents, QUERY)] == expected
 
@@ -138,7 +144,16 @@ def test_documents_with_nothing_kept_are_dropped(compressor: SpecPCCompressor) -
     out = compressor.compress_documents(documents, QUERY)
     ids = [d.id for d in out]
     assert "empty" not in ids and "blank" not in ids
-    assert len(out) < len(_documents()), "a 220-token budget cannot keep part of all six documents"
+    assert sum(d.metadata["spec_rag"]["kept_tokens"] for d in out) == 220, (
+        "the budget counts documents' tokens"
+    )
+
+
+def test_an_empty_document_leaves_the_others_unchanged(compressor: SpecPCCompressor) -> None:
+    documents = _documents()[:3]
+    alone = compressor.compress_documents(documents, QUERY)
+    mixed = compressor.compress_documents([Document(page_content=""), *documents], QUERY)
+    assert [(d.id, d.page_content) for d in mixed] == [(d.id, d.page_content) for d in alone]
 
 
 def test_order_score_sorts_best_first(draft: Any, tokenizer: Any) -> None:
@@ -162,12 +177,15 @@ def test_no_documents_give_no_documents() -> None:
     assert SpecPCCompressor(draft="not-loaded-for-nothing").compress_documents([], QUERY) == []
 
 
-def test_budget_too_small_for_the_query_says_how_to_fix_it(draft: Any, tokenizer: Any) -> None:
-    tiny = SpecPCCompressor(
-        draft_model=draft, draft_tokenizer=tokenizer, max_capacity_prompt=10, window_size=0, kernel_size=3
-    )
-    with pytest.raises(ValueError, match="Raise the budget"):
-        tiny.compress_documents(_documents(), QUERY)
+def test_dropping_whole_documents_is_logged_once(
+    draft: Any, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    tight = SpecPCCompressor(draft_model=draft, draft_tokenizer=tokenizer, max_capacity_prompt=24, **SMALL)
+    with caplog.at_level("WARNING", logger="spec_rag.adapters"):
+        first = tight.compress_documents(_documents(), QUERY)
+        tight.compress_documents(_documents(), QUERY)
+    assert len(first) < len(_documents())
+    assert [r.getMessage().split(" dropped")[0] for r in caplog.records] == ["SpecPCCompressor"]
 
 
 def test_custom_instruction_changes_the_prompt_the_draft_reads(
@@ -182,7 +200,7 @@ def test_custom_instruction_changes_the_prompt_the_draft_reads(
     )
     specpc = SpecPC(draft, tokenizer, instructed.spec_config)
     parts = specpc.compress_documents(
-        QUERY, [d.page_content for d in _documents()], instruction="Only facts."
+        QUERY, [d.page_content for d in _documents()], instruction="Only facts.", max_document_tokens=240
     )
     expected = [p.text for p in parts if p.kept_tokens > 0]
     assert [d.page_content for d in instructed.compress_documents(_documents(), QUERY)] == expected

@@ -1,0 +1,498 @@
+"""The framework-free core of the LangChain and LlamaIndex adapters.
+
+Both frameworks get one set of rules from here: where the models come from and how that is
+checked, which fields each method takes, the engine built once on first use (thread-safe),
+streams handed to asyncio one step per worker thread, token counts and usage figures, and
+SpecPC over a list of retrieved documents. The adapter classes only translate their
+framework's messages, documents and responses to and from these calls.
+
+Rules, the same for ``ChatSpecKV`` and ``SpecKVLLM``:
+
+- The target is one of ``model`` (a name or path), ``llm`` with ``tokenizer``, or ``engine``;
+  none gives the Qwen2.5-Coder 1.5B pack, with the 0.5B pack as its draft.
+- The draft is ``draft`` (a name or path) or ``draft_model`` (with ``draft_tokenizer`` when its
+  tokenizer is not the target's). A target you name needs its draft named too, for the
+  methods that use one (``method_info(name).needs_draft``).
+- ``engine=...`` brings the models; method fields given beside it run those models under that
+  method (``engine.with_config``).
+- ``prompt_capacity`` belongs to ``speckv-pc``, ``lookahead_tokens`` to the methods with a draft
+  lookahead; budgets are checked by the method's config, at construction.
+
+And for ``SpecPCCompressor`` and ``SpecPCNodePostprocessor``: the draft is ``draft``,
+``draft_model`` with ``draft_tokenizer``, or ``specpc``; none gives the 0.5B pack. Config fields
+given beside ``specpc`` or ``config`` override theirs. ``max_capacity_prompt`` counts the
+documents' tokens only; the instruction, document headers and question are kept on top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from pydantic import Field
+
+from spec_rag._prompt import encode, format_prompt
+from spec_rag.config import EngineConfig, SpecPCConfig, config_for_method, method_info
+from spec_rag.engine import Generation, GenerationStream, SpecEngine
+from spec_rag.errors import InvalidInputError
+from spec_rag.specpc import DocumentCompression, SpecPC
+
+__all__ = [
+    "DEFAULT_DRAFT",
+    "DEFAULT_TARGET",
+    "SAMPLING_FIELDS",
+    "SOURCE_NAMES",
+    "SPLITTER_DEFAULTS",
+    "Budget",
+    "Delta",
+    "DocumentCompressor",
+    "DraftSource",
+    "EngineSource",
+    "LazyEngine",
+    "Lookahead",
+    "MaxNewTokens",
+    "Temperature",
+    "TopK",
+    "TopP",
+    "Window",
+    "draft_source",
+    "engine_source",
+    "in_threads",
+    "sampling_options",
+    "usage",
+]
+
+logger = logging.getLogger("spec_rag.adapters")
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+
+# Field limits, one set for both frameworks (their models are pydantic v2 models).
+Budget = Annotated[int, Field(gt=0)]
+Window = Annotated[int, Field(ge=0)]
+Lookahead = Annotated[int, Field(ge=0)]
+MaxNewTokens = Annotated[int, Field(ge=0)]
+Temperature = Annotated[float, Field(ge=0.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0)]
+
+#: SpecPC settings for text-splitter chunks (about 200 tokens): the paper's 64-token smoothing
+#: pool and neighbourhood would each span a third of such a chunk, and blur which sentence of it
+#: holds the answer. Used by the compressor and the postprocessor unless given.
+SPLITTER_DEFAULTS: dict[str, int] = {"kernel_size": 16, "neighbor_tokens": 16}
+
+# Per-call options and the engine argument each one sets.
+_CALL_OPTIONS = {
+    "max_tokens": "max_new_tokens",
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop": "stop",
+}
+
+#: The keyword arguments that name an adapter's models, in ``engine_source``'s order.
+SOURCE_NAMES = ("model", "llm", "tokenizer", "engine", "draft", "draft_model", "draft_tokenizer")
+#: Sampling settings an adapter instance holds under the engine's own names.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
+
+T = TypeVar("T")
+
+
+def check_model_names(*names: str | None) -> None:
+    """Where model names given to an adapter are checked at construction (no network).
+
+    Every adapter reaches name checking through this one call; a name is resolved (and a
+    typo reported) by ``spec_rag.get_model`` when the models load on first use.
+    """
+
+
+# -- the engine of a chat model / LLM -----------------------------------------------------------
+@dataclass(frozen=True)
+class EngineSource:
+    """Where an adapter's engine comes from, checked; nothing is loaded."""
+
+    owner: str
+    method: str
+    config: EngineConfig | None
+    model: str | None = None
+    draft: str | None = None
+    llm: Any = None
+    tokenizer: Any = None
+    draft_model: Any = None
+    draft_tokenizer: Any = None
+    engine: SpecEngine | None = None
+    dtype: str = "bfloat16"
+    device: str | None = None
+
+
+def engine_source(
+    owner: str,
+    *,
+    model: str | None = None,
+    llm: Any = None,
+    tokenizer: Any = None,
+    engine: SpecEngine | None = None,
+    draft: str | None = None,
+    draft_model: Any = None,
+    draft_tokenizer: Any = None,
+    method: str | None = None,
+    fields: Mapping[str, int | None] | None = None,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+) -> EngineSource:
+    """Check the sources and method fields an adapter was given; ``method=None`` means unset."""
+    given: dict[str, int] = {name: value for name, value in (fields or {}).items() if value is not None}
+    targets = [
+        name for name, value in (("model", model), ("llm", llm), ("engine", engine)) if value is not None
+    ]
+    if len(targets) > 1:
+        raise ValueError(
+            f"{owner} takes one target model, got {' and '.join(targets)}: pass model='<name or path>', "
+            "or llm=... with tokenizer=..., or engine=SpecEngine(...)."
+        )
+    if (llm is None) != (tokenizer is None):
+        raise ValueError("llm and tokenizer go together: pass both, or model='<name or path>'.")
+    if draft is not None and draft_model is not None:
+        raise ValueError("pass the draft once: draft='<name or path>' or draft_model=... (not both).")
+    if draft_tokenizer is not None and draft_model is None:
+        raise ValueError("draft_tokenizer needs draft_model=... (the loaded draft it belongs to).")
+    if engine is not None:
+        if draft is not None or draft_model is not None:
+            raise ValueError(f"engine=... already holds the models: do not also pass a draft to {owner}.")
+        if method is None and not given:
+            return EngineSource(owner, engine.method, engine.config, engine=engine)
+        config = _method_config(method or engine.method, given)
+        return EngineSource(owner, _name(method or engine.method), config, engine=engine.with_config(config))
+    if not targets:
+        model = DEFAULT_TARGET
+        if draft is None and draft_model is None:
+            draft = DEFAULT_DRAFT  # the default pair goes together; a target you name names its draft
+    method = _name(method or "speckv")
+    config = _method_config(method, given)
+    if method_info(method).needs_draft and draft is None and draft_model is None:
+        raise ValueError(
+            f"method {method!r} needs a draft model: pass draft='<name or path>' (e.g. {DEFAULT_DRAFT!r}) "
+            "or draft_model=...; methods 'snapkv', 'streamingllm' and 'full' need none."
+        )
+    check_model_names(model, draft)
+    return EngineSource(
+        owner,
+        method,
+        config,
+        model,
+        draft,
+        llm,
+        tokenizer,
+        draft_model,
+        draft_tokenizer,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _name(method: str) -> str:
+    return method.lower().replace("_", "-")
+
+
+def _method_config(method: str, fields: Mapping[str, int]) -> EngineConfig | None:
+    info = method_info(method)  # an unknown name fails here, with the list of methods
+    method = _name(method)
+    if "prompt_capacity" in fields and method != "speckv-pc":
+        raise ValueError(
+            f"prompt_capacity is the SpecPC budget of method 'speckv-pc'; method {method!r} has no "
+            "such step. Use max_capacity_prompt instead."
+        )
+    if "lookahead_tokens" in fields and not info.uses_lookahead:
+        raise ValueError(
+            f"lookahead_tokens is the draft's lookahead; method {method!r} has no draft lookahead. "
+            "Leave it unset."
+        )
+    return config_for_method(method, **fields)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One chunk of a stream: its text, and on the last chunk the finished generation."""
+
+    text: str
+    generation: Generation | None = None
+
+
+class LazyEngine:
+    """The engine of one adapter instance, built on first use (once, even across threads).
+
+    Models given by name come from ``spec_rag.get_model``'s process-wide cache, so adapters
+    naming the same models share one copy.
+    """
+
+    def __init__(self, source: EngineSource) -> None:
+        self.source = source
+        self._engine = source.engine
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> SpecEngine | None:
+        """The engine if it is built (no loading)."""
+        return self._engine
+
+    def get(self) -> SpecEngine:
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = self._build()
+        return self._engine
+
+    def _build(self) -> SpecEngine:
+        from spec_rag.models import get_model  # imported on first use: it is heavy
+
+        s = self.source
+        target, tokenizer = s.llm, s.tokenizer
+        if target is None:
+            assert s.model is not None  # checked by engine_source
+            target, tokenizer = get_model(s.model, dtype=s.dtype, device=s.device)
+        draft, draft_tokenizer = s.draft_model, s.draft_tokenizer
+        if not method_info(s.method).needs_draft:
+            draft = draft_tokenizer = None
+        elif draft is None:
+            assert s.draft is not None  # checked by engine_source
+            draft, draft_tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
+        return SpecEngine(target, tokenizer, draft, draft_tokenizer, s.config)
+
+    def target(self) -> Any:
+        """The target model if it is at hand without loading, else None."""
+        return self._engine.target if self._engine is not None else self.source.llm
+
+    def model_name(self) -> str:
+        """The target's name: the one given, or the loaded model's ``name_or_path``."""
+        if self.source.model is not None:
+            return self.source.model
+        target = self.target()
+        config = getattr(target, "config", None)
+        name = getattr(target, "spec_rag_name", None) or getattr(config, "name_or_path", None)
+        return str(name or "spec-rag-local")
+
+    def tokenizer(self) -> Any:
+        """The target's tokenizer (loads the models on first use when they were given by name)."""
+        return self.source.tokenizer if self.source.tokenizer is not None else self.get().tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the target's tokenizer (no special tokens added)."""
+        return list(self.tokenizer().encode(text, add_special_tokens=False))
+
+    def count_tokens(self, prompt: str | Sequence[Mapping[str, str]]) -> int:
+        """Tokens the target reads for ``prompt``: a text as-is, chat messages through the chat
+        template with the assistant's turn opened, as the engine feeds them."""
+        if isinstance(prompt, str):
+            return len(self.tokenize(prompt)) if prompt else 0
+        if not prompt:
+            return 0
+        tokenizer = self.tokenizer()
+        messages = [dict(m) for m in prompt]
+        if getattr(tokenizer, "chat_template", None):
+            text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        else:
+            text = format_prompt(tokenizer, messages)
+        return int(encode(tokenizer, text, templated=True)["input_ids"].numel())
+
+    def _check(self, prompt: str | list[dict[str, str]]) -> None:
+        if not isinstance(prompt, str) and len(prompt) == 0:
+            raise InvalidInputError(
+                f"{self.source.owner} got no messages; pass at least one chat message (or a text) to answer."
+            )
+
+    def generate(self, prompt: str | list[dict[str, str]], options: Mapping[str, Any]) -> Generation:
+        self._check(prompt)
+        generation = self.get().generate(prompt, **options)
+        assert isinstance(generation, Generation)
+        return generation
+
+    def stream(self, prompt: str | list[dict[str, str]], options: Mapping[str, Any]) -> Iterator[Delta]:
+        """The answer as deltas; the last one carries the finished generation (and the last text).
+
+        The prompt is checked and the models loaded here, before the first ``next``. Each delta
+        is handed on when the next one is ready, so the last text and the usage arrive together.
+        """
+        self._check(prompt)
+        return _deltas(self.get().stream(prompt, **options))
+
+
+def _deltas(stream: GenerationStream) -> Iterator[Delta]:
+    try:
+        held: str | None = None
+        for text in stream:
+            if held is not None:
+                yield Delta(held)
+            held = text
+        assert stream.generation is not None
+        yield Delta(held or "", stream.generation)
+    finally:
+        stream.close()  # stops the decode loop when the consumer leaves early
+
+
+def sampling_options(owner: str, defaults: Mapping[str, Any], call: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine sampling arguments: the instance's ``defaults``, overridden by per-call options
+    (``max_tokens`` is an alias of ``max_new_tokens``). An unknown option is an error."""
+    unknown = sorted(set(call) - set(_CALL_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"{owner} got unsupported call options {unknown}; supported: {sorted(_CALL_OPTIONS)}."
+        )
+    options = dict(defaults)
+    for key, value in call.items():
+        if value is not None:
+            options[_CALL_OPTIONS[key]] = value
+    stop = options.get("stop")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    options["stop"] = list(dict.fromkeys(stops)) or None
+    return options
+
+
+def usage(generation: Generation) -> dict[str, int]:
+    """``prompt_tokens``, ``completion_tokens`` and ``total_tokens`` of a generation."""
+    prompt_tokens, completion_tokens = generation.stats.prompt_tokens, generation.stats.output_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def in_threads(items: Iterator[T]) -> AsyncIterator[T]:
+    """``items`` stepped from worker threads, one step at a time, so the event loop stays free
+    while the model decodes; closing it closes ``items`` (in a thread, after any running step)."""
+    lock = threading.Lock()
+    done = object()
+
+    def step() -> Any:
+        with lock:
+            return next(items, done)
+
+    def close() -> None:
+        with lock:
+            getattr(items, "close", lambda: None)()
+
+    try:
+        while (item := await asyncio.to_thread(step)) is not done:
+            yield item
+    finally:
+        await asyncio.to_thread(close)
+
+
+# -- SpecPC over retrieved documents ----------------------------------------------------------
+@dataclass(frozen=True)
+class DraftSource:
+    """Where a document compressor's draft comes from, and its SpecPC config; nothing loaded."""
+
+    owner: str
+    config: SpecPCConfig
+    draft: str | None = None
+    draft_model: Any = None
+    draft_tokenizer: Any = None
+    specpc: SpecPC | None = None
+    dtype: str = "bfloat16"
+    device: str | None = None
+
+
+def draft_source(
+    owner: str,
+    *,
+    draft: str | None = None,
+    draft_model: Any = None,
+    draft_tokenizer: Any = None,
+    specpc: SpecPC | None = None,
+    config: SpecPCConfig | None = None,
+    fields: Mapping[str, Any] | None = None,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+) -> DraftSource:
+    """Check a document compressor's draft and build its config (``fields`` over ``config``,
+    over ``specpc``'s config, over SpecPC's defaults with :data:`SPLITTER_DEFAULTS`)."""
+    given = [
+        n for n, v in (("draft", draft), ("draft_model", draft_model), ("specpc", specpc)) if v is not None
+    ]
+    if len(given) > 1:
+        raise ValueError(
+            f"{owner} takes one draft, got {' and '.join(given)}: pass draft='<name or path>', "
+            "or draft_model=... with draft_tokenizer=..., or specpc=SpecPC(...)."
+        )
+    if (draft_model is None) != (draft_tokenizer is None):
+        raise ValueError("draft_model and draft_tokenizer go together: pass both, or draft='<name or path>'.")
+    if not given:
+        draft = DEFAULT_DRAFT
+    if config is not None and specpc is not None:
+        raise ValueError("specpc=... brings its own SpecPCConfig; pass config=... or specpc=..., not both.")
+    base = config or (specpc.config if specpc is not None else SpecPCConfig(**SPLITTER_DEFAULTS))
+    update = {name: value for name, value in (fields or {}).items() if value is not None}
+    resolved = SpecPCConfig(**{**base.model_dump(), **update})  # validated: a bad mix fails now
+    check_model_names(draft)
+    return DraftSource(owner, resolved, draft, draft_model, draft_tokenizer, specpc, dtype, device)
+
+
+class DocumentCompressor:
+    """SpecPC over retrieved documents for one adapter instance; the draft loads on first use.
+
+    Empty and whitespace-only documents take no budget and come back with ``kept_tokens == 0``.
+    Logs one warning per instance when a document with text is dropped entirely.
+    """
+
+    def __init__(self, source: DraftSource) -> None:
+        self.source = source
+        self._specpc: SpecPC | None = None
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def get(self) -> SpecPC:
+        if self._specpc is None:
+            with self._lock:
+                if self._specpc is None:
+                    self._specpc = self._build()
+        return self._specpc
+
+    def _build(self) -> SpecPC:
+        s = self.source
+        if s.specpc is not None:
+            if s.specpc.config == s.config:
+                return s.specpc
+            return SpecPC(s.specpc.model, s.specpc.tokenizer, s.config)
+        model, tokenizer = s.draft_model, s.draft_tokenizer
+        if model is None:
+            from spec_rag.models import get_model  # imported on first use: it is heavy
+
+            assert s.draft is not None  # checked by draft_source
+            model, tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
+        return SpecPC(model, tokenizer, s.config)
+
+    def compress(
+        self, query: str | None, texts: Sequence[str], *, budget: int, instruction: str | None = None
+    ) -> list[DocumentCompression]:
+        """What SpecPC keeps of each text for ``query``, the texts sharing ``budget`` tokens."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError(
+                f"{self.source.owner} got an empty query; it needs the query, since SpecPC keeps what the "
+                "documents say about it. Pass the user's question."
+            )
+        if not texts:
+            return []
+        options: dict[str, Any] = {"max_document_tokens": budget}
+        if instruction is not None:
+            options["instruction"] = instruction
+        parts = self.get().compress_documents(query, list(texts), **options)
+        dropped = sum(1 for part in parts if part.original_tokens > 0 and part.kept_tokens == 0)
+        if dropped and not self._warned:
+            self._warned = True
+            logger.warning(
+                "%s dropped %d of %d documents entirely: max_capacity_prompt=%d document tokens went "
+                "to the documents the draft found more relevant. Raise max_capacity_prompt to keep "
+                "part of every document (this warning is logged once per instance).",
+                self.source.owner,
+                dropped,
+                len(parts),
+                budget,
+            )
+        return parts
