@@ -39,6 +39,7 @@ from spec_rag._prompt import encode, format_prompt
 from spec_rag.config import EngineConfig, SpecPCConfig, config_for_method, method_info
 from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
+from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, check_model_source
 from spec_rag.specpc import DocumentCompression, SpecPC
 
 __all__ = [
@@ -68,8 +69,6 @@ __all__ = [
 
 logger = logging.getLogger("spec_rag.adapters")
 
-DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 # Field limits, one set for both frameworks (their models are pydantic v2 models).
 Budget = Annotated[int, Field(gt=0)]
@@ -107,9 +106,14 @@ T = TypeVar("T")
 def check_model_names(*names: str | None) -> None:
     """Where model names given to an adapter are checked at construction (no network).
 
-    Every adapter reaches name checking through this one call; a name is resolved (and a
-    typo reported) by ``spec_rag.get_model`` when the models load on first use.
+    Every adapter reaches name checking through this one call: a name that is neither a pack, a
+    local path nor a hub id (``org/name``) fails here, offline and at once, with the near match
+    (``smollm2-135m`` -> ``smollm2-135m-instruct``); a hub id not in the local hub cache needs
+    ``SPEC_RAG_ALLOW_DOWNLOAD=1`` to be fetched on first use.
     """
+    for name in names:
+        if name is not None:
+            check_model_source(name)
 
 
 # -- the engine of a chat model / LLM -----------------------------------------------------------

@@ -21,13 +21,8 @@ from spec_rag.adapters import (
 )
 from spec_rag.testing import AURORA_QUESTION, TOWN_DOCUMENTS
 
+T, D = "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"  # names that resolve offline
 PROMPT = [{"role": "user", "content": "Tell me about the observatory. " * 4}]
-
-
-def test_default_pair_is_the_models_default_pair() -> None:
-    from spec_rag import models
-
-    assert (adapters.DEFAULT_TARGET, adapters.DEFAULT_DRAFT) == (models.DEFAULT_TARGET, models.DEFAULT_DRAFT)
 
 
 # -- sources --------------------------------------------------------------------------------------
@@ -45,15 +40,15 @@ def test_nothing_given_is_the_default_pair() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"model": "t"}, "needs a draft model"),
-        ({"model": "t", "llm": object(), "tokenizer": object()}, "one target model, got model and llm"),
+        ({"model": T}, "needs a draft model"),
+        ({"model": T, "llm": object(), "tokenizer": object()}, "one target model, got model and llm"),
         ({"llm": object()}, "llm and tokenizer go together"),
-        ({"model": "t", "draft": "d", "draft_model": object()}, "pass the draft once"),
-        ({"model": "t", "draft_tokenizer": object()}, "draft_tokenizer needs draft_model"),
-        ({"model": "t", "draft": "d", "method": "magic"}, "unknown method"),
-        ({"model": "t", "draft": "d", "fields": {"prompt_capacity": 9}}, "speckv-pc"),
-        ({"model": "t", "method": "snapkv", "fields": {"lookahead_tokens": 3}}, "no draft lookahead"),
-        ({"model": "t", "draft": "d", "fields": {"max_capacity_prompt": 16}}, "Raise max_capacity_prompt"),
+        ({"model": T, "draft": D, "draft_model": object()}, "pass the draft once"),
+        ({"model": T, "draft_tokenizer": object()}, "draft_tokenizer needs draft_model"),
+        ({"model": T, "draft": D, "method": "magic"}, "unknown method"),
+        ({"model": T, "draft": D, "fields": {"prompt_capacity": 9}}, "speckv-pc"),
+        ({"model": T, "method": "snapkv", "fields": {"lookahead_tokens": 3}}, "no draft lookahead"),
+        ({"model": T, "draft": D, "fields": {"max_capacity_prompt": 16}}, "Raise max_capacity_prompt"),
     ],
 )
 def test_bad_sources_fail_with_the_fix(kwargs: dict[str, Any], message: str) -> None:
@@ -65,9 +60,9 @@ def test_bad_sources_fail_with_the_fix(kwargs: dict[str, Any], message: str) -> 
 def test_a_named_target_needs_a_draft_exactly_when_the_method_does(method: str) -> None:
     if method_info(method).needs_draft:
         with pytest.raises(ValueError, match="needs a draft"):
-            engine_source("X", model="t", method=method)
+            engine_source("X", model=T, method=method)
     else:
-        assert engine_source("X", model="t", method=method).draft is None
+        assert engine_source("X", model=T, method=method).draft is None
 
 
 def test_method_fields_beside_an_engine_rerun_its_models(target: Any, tokenizer: Any, draft: Any) -> None:
@@ -78,15 +73,15 @@ def test_method_fields_beside_an_engine_rerun_its_models(target: Any, tokenizer:
     source = engine_source("X", engine=engine, method="full")
     assert source.method == "full" and source.engine is not None and source.engine.target is target
     with pytest.raises(ValueError, match="already holds the models"):
-        engine_source("X", engine=engine, draft="d")
+        engine_source("X", engine=engine, draft=D)
 
 
 def test_names_are_checked_at_one_call_site(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str | None, ...]] = []
     monkeypatch.setattr(adapters, "check_model_names", lambda *names: seen.append(names))
-    engine_source("X", model="t", draft="d")
-    draft_source("Y", draft="d")
-    assert seen == [("t", "d"), ("d",)]
+    engine_source("X", model=T, draft=D)
+    draft_source("Y", draft=D)
+    assert seen == [(T, D), (D,)]
 
 
 # -- the lazy engine ------------------------------------------------------------------------------
@@ -103,7 +98,7 @@ def test_the_engine_is_built_once_across_threads(
         return target, tokenizer
 
     monkeypatch.setattr("spec_rag.models.get_model", slow_get_model)
-    core = LazyEngine(engine_source("X", model="tiny", method="full"))
+    core = LazyEngine(engine_source("X", model="smollm2-135m-instruct", method="full"))
     assert core.loaded is None
     engines: list[SpecEngine] = []
     threads = [threading.Thread(target=lambda: engines.append(core.get())) for _ in range(4)]
@@ -111,7 +106,7 @@ def test_the_engine_is_built_once_across_threads(
         t.start()
     for t in threads:
         t.join()
-    assert calls == ["tiny"] and len({id(e) for e in engines}) == 1
+    assert calls == ["smollm2-135m-instruct"] and len({id(e) for e in engines}) == 1
 
 
 def test_stream_folds_the_usage_into_the_last_text_chunk(target: Any, tokenizer: Any) -> None:
@@ -187,7 +182,7 @@ def test_draft_fields_override_the_base_config(draft: Any, tokenizer: Any) -> No
     source = draft_source("X", specpc=specpc, fields={"kernel_size": 3})
     assert source.config == SpecPCConfig(max_capacity_prompt=200, window_size=8, kernel_size=3)
     with pytest.raises(ValueError, match="one draft, got draft and specpc"):
-        draft_source("X", draft="d", specpc=specpc)
+        draft_source("X", draft=D, specpc=specpc)
     with pytest.raises(ValueError, match="Raise max_capacity_prompt or lower window_size"):
         draft_source("X", fields={"max_capacity_prompt": 16, "window_size": 32})
 

@@ -44,16 +44,16 @@ def test_the_same_mistake_gets_the_same_message(kwargs: dict[str, Any]) -> None:
 def test_the_same_defaults_and_limits() -> None:
     lc, li = ChatSpecKV(), SpecKVLLM()
     assert (lc.model, lc.draft, lc.method) == (li.model, li.draft, li.method)
-    assert ChatSpecKV(model="t", method="full", max_tokens=0).max_tokens == 0
-    assert SpecKVLLM(model="t", method="full", max_new_tokens=0).max_new_tokens == 0
+    assert ChatSpecKV(model="smollm2-135m-instruct", method="full", max_tokens=0).max_tokens == 0
+    assert SpecKVLLM(model="smollm2-135m-instruct", method="full", max_new_tokens=0).max_new_tokens == 0
     for cls, name in ((ChatSpecKV, "max_tokens"), (SpecKVLLM, "max_new_tokens")):
         with pytest.raises(ValueError):
-            cls(model="t", method="full", **{name: -1})
+            cls(model="smollm2-135m-instruct", method="full", **{name: -1})
     for cls in (ChatSpecKV, SpecKVLLM):
         with pytest.raises(ValueError):
-            cls(model="t", method="full", window_size=-1)
+            cls(model="smollm2-135m-instruct", method="full", window_size=-1)
         with pytest.raises(ValueError):
-            cls(model="t", method="full", max_capacity_prompt=0)
+            cls(model="smollm2-135m-instruct", method="full", max_capacity_prompt=0)
 
 
 def test_both_streams_end_on_text_that_carries_the_usage() -> None:

@@ -172,21 +172,24 @@ def test_a_missing_or_empty_query_is_a_clear_value_error(query_bundle):
         postprocessor.postprocess_nodes(_nodes(), query_bundle=query_bundle)
 
 
-def test_no_nodes_give_no_nodes_without_loading_the_draft():
-    postprocessor = SpecPCNodePostprocessor(draft="no-such-model")
+def test_no_nodes_give_no_nodes_without_loading_the_draft(monkeypatch):
+    monkeypatch.setattr("spec_rag.models.get_model", _no_loading)
+    postprocessor = SpecPCNodePostprocessor(draft="smollm2-135m-instruct")
     assert postprocessor.postprocess_nodes([], query_str=QUERY) == []
 
 
-def test_an_unknown_draft_name_fails_on_first_use_with_model_not_found(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    postprocessor = SpecPCNodePostprocessor(draft="no-such-model")  # construction stays cheap
+def _no_loading(*args, **kwargs):
+    raise AssertionError("the draft was loaded")
+
+
+def test_an_unknown_draft_name_fails_at_construction_with_model_not_found():
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
-        postprocessor.postprocess_nodes(_nodes(), query_str=QUERY)
+        SpecPCNodePostprocessor(draft="no-such-model")
 
 
 def test_invalid_config_fails_at_construction():
     with pytest.raises(ValueError, match="window_size"):
-        SpecPCNodePostprocessor(draft="x", max_capacity_prompt=32, window_size=64)
+        SpecPCNodePostprocessor(draft="smollm2-135m-instruct", max_capacity_prompt=32, window_size=64)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +273,7 @@ def test_draft_named_by_string_is_loaded_once_across_threads(monkeypatch, tiny_d
         return tiny_draft
 
     monkeypatch.setattr("spec_rag.models.get_model", fake_get_model)
-    postprocessor = SpecPCNodePostprocessor(draft="some-draft", dtype="float32", **SMALL)
+    postprocessor = SpecPCNodePostprocessor(draft="qwen2.5-coder-0.5b-instruct", dtype="float32", **SMALL)
     assert calls == []  # nothing loads at construction
     results: list[list[str]] = []
     threads = [
@@ -285,7 +288,7 @@ def test_draft_named_by_string_is_loaded_once_across_threads(monkeypatch, tiny_d
         thread.start()
     for thread in threads:
         thread.join()
-    assert calls == [("some-draft", "float32")]
+    assert calls == [("qwen2.5-coder-0.5b-instruct", "float32")]
     assert len(results) == 4 and all(r == results[0] for r in results)
 
 

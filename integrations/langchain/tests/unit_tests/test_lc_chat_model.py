@@ -57,9 +57,14 @@ def test_construction_loads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(chat_module.SpecEngine, "from_pretrained", no_loading)
     chat = ChatSpecKV(
-        model="some-target", draft="some-draft", max_tokens=100, timeout=60, max_retries=2, api_key="x"
+        model="qwen2.5-coder-1.5b-instruct",
+        draft="qwen2.5-coder-0.5b-instruct",
+        max_tokens=100,
+        timeout=60,
+        max_retries=2,
+        api_key="x",
     )
-    assert chat.model_name == "some-target" and chat.method == "speckv"
+    assert chat.model_name == "qwen2.5-coder-1.5b-instruct" and chat.method == "speckv"
 
 
 @pytest.mark.parametrize(
@@ -83,15 +88,18 @@ def test_invalid_configuration_fails_at_construction_with_the_fix(
 
 def test_methods_without_a_draft_need_none() -> None:
     for method in ("full", "snapkv", "streamingllm"):
-        assert ChatSpecKV(model="t", method=method).method == method
+        assert ChatSpecKV(model="smollm2-135m-instruct", method=method).method == method
 
 
 def test_method_names_are_normalised() -> None:
-    assert ChatSpecKV(model="t", draft="d", method="SpecKV_PC").method == "speckv-pc"
+    assert (
+        ChatSpecKV(model="smollm2-135m-instruct", draft="smollm2-135m-instruct", method="SpecKV_PC").method
+        == "speckv-pc"
+    )
 
 
 def test_max_new_tokens_is_an_alias_of_max_tokens() -> None:
-    assert ChatSpecKV(model="t", method="full", max_new_tokens=7).max_tokens == 7
+    assert ChatSpecKV(model="smollm2-135m-instruct", method="full", max_new_tokens=7).max_tokens == 7
 
 
 def test_engine_fixes_the_method(target: Any, tokenizer: Any, draft: Any) -> None:
@@ -372,10 +380,13 @@ def test_instances_naming_the_same_models_share_them(
 
     monkeypatch.setattr("spec_rag.models.get_model", fake_get_model)
     answers = [
-        ChatSpecKV(model="tiny", method="snapkv", max_tokens=4).invoke(PROMPT).content for _ in range(2)
+        ChatSpecKV(model="smollm2-135m-instruct", method="snapkv", max_tokens=4).invoke(PROMPT).content
+        for _ in range(2)
     ]
     assert answers[0] == answers[1]
-    assert loads == ["tiny", "tiny"], "each instance asks the shared cache; the cache decides what to load"
+    assert loads == ["smollm2-135m-instruct", "smollm2-135m-instruct"], (
+        "each instance asks the shared cache; the cache decides what to load"
+    )
 
 
 def _same_models(chat: ChatSpecKV) -> dict[str, Any]:
