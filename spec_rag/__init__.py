@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING
 
+from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, TrustedPrompt, trusted
 from spec_rag.config import (
     METHODS,
     MethodInfo,
@@ -17,6 +18,7 @@ from spec_rag.engine import Generation, GenerationStats, GenerationStream, Score
 from spec_rag.errors import (
     ChecksumError,
     ContextLengthError,
+    InputTooLargeError,
     InvalidInputError,
     ModelNotFoundError,
     PackNotInstalledError,
@@ -41,6 +43,7 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DEFAULT_MAX_INPUT_TOKENS",
     "METHODS",
     "ChecksumError",
     "Compression",
@@ -49,6 +52,7 @@ __all__ = [
     "Generation",
     "GenerationStats",
     "GenerationStream",
+    "InputTooLargeError",
     "InvalidInputError",
     "MethodInfo",
     "ModelNotFoundError",
@@ -62,6 +66,7 @@ __all__ = [
     "SpecPCConfig",
     "SpecRagError",
     "StreamingLLMConfig",
+    "TrustedPrompt",
     "UnsupportedModelError",
     "__version__",
     "check_model_source",
@@ -69,4 +74,5 @@ __all__ = [
     "get_model",
     "load_model",
     "method_info",
+    "trusted",
 ]

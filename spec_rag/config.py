@@ -95,8 +95,9 @@ class SpecPCConfig(_Config):
         starting_layer_index: draft layers before this are ignored (early layers attend
             broadly and add noise). Clamped to the draft's depth.
         weighted_query: weight window queries linearly from 0 (oldest) to 1 (newest).
-        keep_special_tokens: never drop chat-template special tokens, so the compressed
-            prompt is still a well-formed chat.
+        keep_special_tokens: never drop the chat template's special tokens, so the compressed
+            prompt is still a well-formed chat. Special-token text inside documents or other
+            message content is ordinary text (it is tokenised split), so it is never protected.
     """
 
     max_capacity_prompt: Annotated[int, Field(gt=0)] = 1024

@@ -11,7 +11,14 @@ from typing import Any, overload
 import torch
 from pydantic import ValidationError
 
-from spec_rag._prompt import Prompt, check_prompt, eos_ids, is_messages, same_vocabulary
+from spec_rag._prompt import (
+    DEFAULT_MAX_INPUT_TOKENS,
+    Prompt,
+    check_prompt,
+    eos_ids,
+    is_messages,
+    same_vocabulary,
+)
 from spec_rag.config import EngineConfig, method_info
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import (
@@ -72,7 +79,13 @@ class SpecEngine:
         draft_tokenizer: the draft's tokenizer (default: ``tokenizer``). When the two
             vocabularies differ, text is handed over instead of token ids.
         config: a method config; ``None`` means full inference.
+        max_input_tokens: ceiling on a request's prompt tokens (``None``: none but the models'
+            context windows); a larger request raises :class:`~spec_rag.errors.InputTooLargeError`
+            before any model reads it.
 
+    Prompts are untrusted: message contents and plain string prompts are tokenised with special
+    tokens split, so only the chat template emits control tokens. Wrap a prompt you templated
+    yourself in :class:`~spec_rag.TrustedPrompt` to feed its control tokens as such.
     One engine may serve several threads at once: every request keeps its own cache.
     """
 
@@ -83,7 +96,14 @@ class SpecEngine:
         draft: Any = None,
         draft_tokenizer: Any = None,
         config: EngineConfig | None = None,
+        *,
+        max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
     ) -> None:
+        if max_input_tokens is not None and max_input_tokens <= 0:
+            raise InvalidInputError(
+                f"max_input_tokens must be positive, or None for no ceiling (got {max_input_tokens})."
+            )
+        self.max_input_tokens = max_input_tokens
         self.target = target
         self.tokenizer = tokenizer
         self.draft = draft
@@ -108,6 +128,7 @@ class SpecEngine:
             shared_vocabulary=self.shared_vocabulary,
             target_eos=eos_ids(target, tokenizer),
             draft_eos=eos_ids(draft, self.draft_tokenizer) if draft is not None else [],
+            max_input_tokens=max_input_tokens,
         )
         self._target_eos = models.target_eos
         self._method: Method = build_method(config, models)
@@ -121,6 +142,7 @@ class SpecEngine:
         *,
         dtype: str | torch.dtype = "bfloat16",
         device: str | None = None,
+        max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
     ) -> SpecEngine:
         """Load (or reuse, from the process-wide model cache) target and draft by name or path."""
         from spec_rag.models import get_model
@@ -129,11 +151,25 @@ class SpecEngine:
         draft_model = draft_tokenizer = None
         if draft is not None:
             draft_model, draft_tokenizer = get_model(draft, dtype=dtype, device=device)
-        return cls(target_model, target_tokenizer, draft_model, draft_tokenizer, config)
+        return cls(
+            target_model,
+            target_tokenizer,
+            draft_model,
+            draft_tokenizer,
+            config,
+            max_input_tokens=max_input_tokens,
+        )
 
     def with_config(self, config: EngineConfig | None) -> SpecEngine:
         """The same models under another method or budget (no reload)."""
-        return SpecEngine(self.target, self.tokenizer, self.draft, self.draft_tokenizer, config)
+        return SpecEngine(
+            self.target,
+            self.tokenizer,
+            self.draft,
+            self.draft_tokenizer,
+            config,
+            max_input_tokens=self.max_input_tokens,
+        )
 
     @property
     def method(self) -> str:

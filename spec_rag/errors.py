@@ -29,3 +29,7 @@ class PackNotInstalledError(SpecRagError):
 
 class ChecksumError(SpecRagError):
     """An assembled model file does not match its pinned sha256."""
+
+
+class InputTooLargeError(ContextLengthError):
+    """A request is larger than the configured ``max_input_tokens`` ceiling."""

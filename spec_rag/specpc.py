@@ -14,13 +14,19 @@ from typing import Any
 import torch
 
 from spec_rag._prompt import (
+    DEFAULT_MAX_INPUT_TOKENS,
     Prompt,
+    Span,
+    TrustedPrompt,
     check_fits,
-    encode,
+    check_input_chars,
+    check_input_tokens,
+    control_token_ids,
     encode_prompt,
+    encode_text,
     eos_ids,
-    format_prompt,
     is_messages,
+    render_prompt,
     text_from_spans,
 )
 from spec_rag.config import SpecPCConfig
@@ -142,14 +148,28 @@ class SpecPC:
         model: the draft, any Hugging Face decoder with full attention in every layer.
         tokenizer: the draft's tokenizer (a fast tokenizer: character offsets are needed).
         config: :class:`SpecPCConfig`; defaults are the paper's.
+        max_input_tokens: ceiling on a request's prompt tokens (``None``: none but the draft's
+            context window); a larger request raises :class:`~spec_rag.errors.InputTooLargeError`
+            before the draft reads it.
 
+    Retrieved text is untrusted: documents, the query and message contents are tokenised with
+    special tokens split, so only the chat template emits control tokens (and only those are
+    kept by ``keep_special_tokens``); see :class:`~spec_rag._prompt.TrustedPrompt` to opt out.
     One instance may be used from several threads at once.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, config: SpecPCConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: SpecPCConfig | None = None,
+        *,
+        max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or SpecPCConfig()
+        self.max_input_tokens = max_input_tokens
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidInputError(
                 "SpecPC needs a fast tokenizer (character offsets map kept tokens back to text); "
@@ -157,7 +177,9 @@ class SpecPC:
             )
         enable_scoring(model)
         self._eos = eos_ids(model, tokenizer)
-        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        # Safe encoding leaves control tokens only where the template put them, so these are the
+        # template's tokens (every special token, where a caller marked its text trusted).
+        self._special = set(control_token_ids(tokenizer))
 
     # -- scoring ---------------------------------------------------------------------------
     def score_tokens(
@@ -202,7 +224,7 @@ class SpecPC:
     # -- whole prompts ---------------------------------------------------------------------
     def compress(self, prompt: Prompt, *, max_capacity_prompt: int | None = None) -> Compression:
         """Compress a prompt: a string (fed as-is) or chat messages (the draft's chat template)."""
-        enc = encode_prompt(self.tokenizer, prompt, offsets=True)
+        enc = encode_prompt(self.tokenizer, prompt, offsets=True, max_tokens=self.max_input_tokens)
         compression = self.compress_encoded(
             enc["text"], enc["input_ids"], enc["offsets"], max_capacity_prompt=max_capacity_prompt
         )
@@ -229,6 +251,7 @@ class SpecPC:
         capacity = check_capacity(
             cfg.max_capacity_prompt if max_capacity_prompt is None else max_capacity_prompt, cfg.window_size
         )
+        check_input_tokens(input_ids.numel(), self.max_input_tokens)
         raw, lookahead = self.score_tokens(input_ids, lookahead_tokens=lookahead_tokens)
         return self.cut(text, input_ids, offsets, self.smooth(raw), capacity, lookahead=lookahead)
 
@@ -280,7 +303,10 @@ class SpecPC:
             cursor = end
             inside = torch.nonzero(_tokens_within(offsets, start, end)).flatten().tolist()
             chosen = [i for i in inside if i in kept_set]
-            out.append({**message, "content": text_from_spans(text, offsets, chosen).strip()})
+            kept_content = text_from_spans(text, offsets, chosen).strip()
+            if isinstance(message.get("content"), TrustedPrompt):  # trusted stays trusted once cut
+                kept_content = TrustedPrompt(kept_content)
+            out.append({**message, "content": kept_content})
         return out
 
     # -- documents -------------------------------------------------------------------------
@@ -320,9 +346,15 @@ class SpecPC:
             return out
         if not documents:
             return []
-        text, spans = self._document_prompt(query, documents, instruction)
-        enc = encode(
-            self.tokenizer, text, templated=bool(getattr(self.tokenizer, "chat_template", None)), offsets=True
+        check_input_chars(sum(map(len, documents)) + len(query) + len(instruction), self.max_input_tokens)
+        text, spans, content = self._document_prompt_with_content(query, documents, instruction)
+        enc = encode_text(
+            self.tokenizer,
+            text,
+            content,
+            add_special_tokens=not getattr(self.tokenizer, "chat_template", None),
+            offsets=True,
+            max_tokens=self.max_input_tokens,
         )
         input_ids, offsets = enc["input_ids"], enc["offsets"]
         length = input_ids.numel()
@@ -386,8 +418,16 @@ class SpecPC:
 
     def _document_prompt(
         self, query: str, documents: Sequence[str], instruction: str
-    ) -> tuple[str, list[tuple[int, int]]]:
+    ) -> tuple[str, list[Span]]:
         """The assembled RAG prompt and each document's character span in it."""
+        text, spans, _ = self._document_prompt_with_content(query, documents, instruction)
+        return text, spans
+
+    def _document_prompt_with_content(
+        self, query: str, documents: Sequence[str], instruction: str
+    ) -> tuple[str, list[Span], list[Span]]:
+        """The assembled RAG prompt, each document's character span in it, and the spans of its
+        untrusted content (instruction, documents and question: all but the chat template)."""
         parts = [instruction.strip(), ""] if instruction.strip() else []
         body = "\n".join(parts)
         spans_in_body: list[tuple[int, int]] = []
@@ -396,13 +436,13 @@ class SpecPC:
             spans_in_body.append((len(body), len(body) + len(doc)))
             body += doc + "\n\n"
         body += f"Question: {query.strip()}"
-        text = format_prompt(self.tokenizer, [{"role": "user", "content": body}])
+        text, content = render_prompt(self.tokenizer, [{"role": "user", "content": body}])
         shift = text.find(body)
         if shift < 0:
             raise InvalidInputError(
                 "the draft's chat template rewrites message text; cannot locate documents."
             )
-        return text, [(s + shift, e + shift) for s, e in spans_in_body]
+        return text, [(s + shift, e + shift) for s, e in spans_in_body], content
 
 
 def _tokens_within(offsets: Sequence[tuple[int, int]], start: int, end: int) -> torch.Tensor:

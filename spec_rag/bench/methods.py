@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from spec_rag import SpecEngine, SpecKVConfig, SpecPC, SpecPCConfig, config_for_method, method_info
-from spec_rag._prompt import encode_prompt, text_from_spans
+from spec_rag._prompt import TrustedPrompt, encode_prompt, text_from_spans
 from spec_rag.bench.tasks import Document, Sample, count_tokens, render_prompt, score_answer
 from spec_rag.engine import ScoredPrompt
 from spec_rag.errors import InvalidInputError
@@ -455,8 +455,9 @@ def encode_tokens(tokenizer: Any, prompt: str) -> EncodedPrompt:
 
 
 def kept_text(encoded: EncodedPrompt, kept: torch.Tensor) -> str:
-    """The kept tokens as text the target re-tokenises into (nearly) the same tokens."""
-    return text_from_spans(encoded.text, encoded.offsets, kept.tolist())
+    """The kept tokens as text the target re-tokenises into (nearly) the same tokens (trusted, as
+    the benchmark's own prompts are)."""
+    return TrustedPrompt(text_from_spans(encoded.text, encoded.offsets, kept.tolist()))
 
 
 def _stable_seed(text: str) -> int:

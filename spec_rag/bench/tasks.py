@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from spec_rag._prompt import format_prompt
+from spec_rag._prompt import TrustedPrompt, format_prompt
 from spec_rag.errors import InvalidInputError
 from spec_rag.retrieval import rag_messages
 
@@ -129,8 +129,11 @@ class Sample:
 
 
 def render_prompt(sample: Sample, tokenizer: Any, documents: Sequence[Document] | None = None) -> str:
-    """The exact text the target is fed (chat template, then the answer prefix)."""
-    return format_prompt(tokenizer, sample.messages(documents)) + sample.answer_prefix
+    """The exact text the target is fed (chat template, then the answer prefix).
+
+    Marked trusted: the benchmark writes its own samples and templates them itself, so the
+    engine must read the template's control tokens in this string as such."""
+    return TrustedPrompt(format_prompt(tokenizer, sample.messages(documents)) + sample.answer_prefix)
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:

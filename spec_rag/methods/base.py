@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from spec_rag._prompt import Prompt, check_fits, encode, encode_prompt
+from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, Prompt, check_fits, encode, encode_prompt
 from spec_rag.config import MethodInfo
 from spec_rag.generation import GenerationStats, Prefilled, cache_view, forward, new_cache
 from spec_rag.scoring import HeadScoreRecorder
@@ -38,6 +38,8 @@ class Models:
         shared_vocabulary: draft and target tokenise alike, so token ids pass between them;
             otherwise text is handed over.
         target_eos / draft_eos: the ids that end an answer.
+        max_input_tokens: ceiling on a request's prompt tokens (``None``: none); every
+            tokenisation of a prompt checks it before any model reads the prompt.
     """
 
     target: Any
@@ -47,6 +49,7 @@ class Models:
     shared_vocabulary: bool = False
     target_eos: Sequence[int] = ()
     draft_eos: Sequence[int] = ()
+    max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
 
     def to_target_ids(self, draft_ids: Sequence[int]) -> list[int]:
         """Draft token ids as target token ids (through text when the vocabularies differ)."""
@@ -55,7 +58,8 @@ class Models:
         text = self.draft_tokenizer.decode(list(draft_ids), skip_special_tokens=True)
         if not text:
             return []
-        return list(encode(self.tokenizer, text, templated=True)["input_ids"].tolist())
+        ids = encode(self.tokenizer, text, templated=True, max_tokens=self.max_input_tokens)["input_ids"]
+        return list(ids.tolist())
 
 
 @dataclass
@@ -177,7 +181,8 @@ class CacheMethod(Method):
         return min(int(getattr(self.config, "window_size", 0)), length)
 
     def score(self, request: Request, budget: int | None = None) -> ScoredCache:
-        ids = encode_prompt(self.models.tokenizer, request.prompt)["input_ids"]
+        models = self.models
+        ids = encode_prompt(models.tokenizer, request.prompt, max_tokens=models.max_input_tokens)["input_ids"]
         request.stats.prompt_tokens = ids.numel()
         return self.score_ids(request, ids, budget)
 

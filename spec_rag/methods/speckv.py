@@ -47,7 +47,9 @@ class SpecKV(SnapKV):
         draft_ids = (
             ids
             if models.shared_vocabulary
-            else encode_prompt(models.draft_tokenizer, request.prompt)["input_ids"]
+            else encode_prompt(models.draft_tokenizer, request.prompt, max_tokens=models.max_input_tokens)[
+                "input_ids"
+            ]
         )
         check_fits(models.draft, draft_ids.numel() + n, role="draft")
         answer = draft_pass(models.draft, draft_ids, lookahead_tokens=n, eos_token_ids=models.draft_eos)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from spec_rag._prompt import Prompt, encode_prompt, is_messages
+from spec_rag._prompt import Prompt, TrustedPrompt, encode_prompt, is_messages
 from spec_rag.config import SpecPCConfig
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
@@ -41,7 +41,9 @@ class SpecPCMethod(Method):
 
     def __init__(self, config: SpecPCConfig, models: Models) -> None:
         super().__init__(config, models)
-        self.compressor = SpecPC(models.draft, models.draft_tokenizer, config)
+        self.compressor = SpecPC(
+            models.draft, models.draft_tokenizer, config, max_input_tokens=models.max_input_tokens
+        )
 
     def score(
         self, request: Request, budget: int | None = None, lookahead_tokens: int | None = None
@@ -51,7 +53,7 @@ class SpecPCMethod(Method):
         models, stats = self.models, request.stats
         t0 = time.perf_counter()
         tokenizer = models.tokenizer if models.shared_vocabulary else models.draft_tokenizer
-        enc = encode_prompt(tokenizer, request.prompt, offsets=True)
+        enc = encode_prompt(tokenizer, request.prompt, offsets=True, max_tokens=models.max_input_tokens)
         if budget is not None:
             check_capacity(budget, self.config.window_size)  # before the draft's pass, not after
         raw, lookahead = self.compressor.score_tokens(enc["input_ids"], lookahead_tokens=lookahead_tokens)
@@ -81,14 +83,18 @@ class SpecPCMethod(Method):
             ids = compression.input_ids
         else:  # the kept text (or chat), re-tokenised by the target
             kept_prompt: Any = compression.text
-            if is_messages(scored.prompt):
+            if isinstance(scored.prompt, TrustedPrompt):
+                kept_prompt = TrustedPrompt(kept_prompt)  # a trusted text stays trusted once cut
+            elif is_messages(scored.prompt):
                 kept_prompt = SpecPC._compressed_messages(
                     scored.prompt,  # type: ignore[arg-type]
                     scored.text,
                     scored.offsets,
                     compression.kept_positions,
                 )
-            ids = encode_prompt(models.tokenizer, kept_prompt)["input_ids"]
+            ids = encode_prompt(models.tokenizer, kept_prompt, max_tokens=models.max_input_tokens)[
+                "input_ids"
+            ]
         stats.draft_s += time.perf_counter() - t0
         return ids
 
