@@ -29,4 +29,4 @@ def test_the_node_with_the_answer_keeps_it_wherever_it_was_retrieved(postprocess
     assert AURORA_ANSWER in kept["n0"].get_content()
     assert kept["n0"].metadata["spec_rag_score"] == pytest.approx(1.0)
     assert len(out) < len(nodes)
-    assert sum(n.metadata["spec_rag_kept_tokens"] for n in kept.values()) < 160
+    assert sum(n.metadata["spec_rag_kept_tokens"] for n in kept.values()) <= 160  # the nodes' budget
