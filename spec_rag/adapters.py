@@ -22,6 +22,12 @@ And for ``SpecPCCompressor`` and ``SpecPCNodePostprocessor``: the draft is ``dra
 ``draft_model`` with ``draft_tokenizer``, or ``specpc``; none gives the 0.5B pack. Config fields
 given beside ``specpc`` or ``config`` override theirs. ``max_capacity_prompt`` counts the
 documents' tokens only; the instruction, document headers and question are kept on top.
+
+All four take ``max_input_tokens``, the ceiling on a request's prompt tokens (``None``: none):
+a larger request raises :class:`~spec_rag.errors.InputTooLargeError` before any model reads
+it. Unset, it is the given ``engine``'s or ``specpc``'s own, else the library's default.
+Retrieved text and message contents are untrusted: only the chat template emits control tokens.
+A prompt string you templated yourself goes in as :class:`~spec_rag.TrustedPrompt`.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Annotated, Any, TypeVar
 
 from pydantic import Field
 
-from spec_rag._prompt import encode, format_prompt
+from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, encode_prompt
 from spec_rag.config import EngineConfig, SpecPCConfig, config_for_method, method_info
 from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
@@ -44,6 +51,7 @@ from spec_rag.specpc import DocumentCompression, SpecPC
 
 __all__ = [
     "DEFAULT_DRAFT",
+    "DEFAULT_MAX_INPUT_TOKENS",
     "DEFAULT_TARGET",
     "SAMPLING_FIELDS",
     "SOURCE_NAMES",
@@ -53,6 +61,7 @@ __all__ = [
     "DocumentCompressor",
     "DraftSource",
     "EngineSource",
+    "InputCeiling",
     "LazyEngine",
     "Lookahead",
     "MaxNewTokens",
@@ -60,6 +69,7 @@ __all__ = [
     "TopK",
     "TopP",
     "Window",
+    "ceiling",
     "draft_source",
     "engine_source",
     "in_threads",
@@ -78,6 +88,7 @@ MaxNewTokens = Annotated[int, Field(ge=0)]
 Temperature = Annotated[float, Field(ge=0.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, Field(ge=0)]
+InputCeiling = Annotated[int, Field(gt=0)] | None
 
 #: SpecPC settings for text-splitter chunks (about 200 tokens): the paper's 64-token smoothing
 #: pool and neighbourhood would each span a third of such a chunk, and blur which sentence of it
@@ -101,6 +112,18 @@ SOURCE_NAMES = ("model", "llm", "tokenizer", "engine", "draft", "draft_model", "
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")
 
 T = TypeVar("T")
+#: ``max_input_tokens`` as an adapter passes it on: a ceiling, ``None`` (none), or ``...`` (unset).
+Ceiling = int | None | EllipsisType
+
+
+def ceiling(adapter: Any) -> Ceiling:
+    """An adapter's ``max_input_tokens`` field if the user set it, else ``...`` (unset), so that
+    a given ``engine`` or ``specpc`` keeps its own ceiling."""
+    return adapter.max_input_tokens if "max_input_tokens" in adapter.model_fields_set else ...
+
+
+def _ceiling(given: Ceiling, own: int | None = DEFAULT_MAX_INPUT_TOKENS) -> int | None:
+    return own if given is ... else given
 
 
 def check_model_names(*names: str | None) -> None:
@@ -133,6 +156,7 @@ class EngineSource:
     engine: SpecEngine | None = None
     dtype: str = "bfloat16"
     device: str | None = None
+    max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
 
 
 def engine_source(
@@ -149,8 +173,10 @@ def engine_source(
     fields: Mapping[str, int | None] | None = None,
     dtype: str = "bfloat16",
     device: str | None = None,
+    max_input_tokens: Ceiling = ...,
 ) -> EngineSource:
-    """Check the sources and method fields an adapter was given; ``method=None`` means unset."""
+    """Check the sources and method fields an adapter was given; ``method=None`` means unset,
+    and so does ``max_input_tokens=...``."""
     given: dict[str, int] = {name: value for name, value in (fields or {}).items() if value is not None}
     targets = [
         name for name, value in (("model", model), ("llm", llm), ("engine", engine)) if value is not None
@@ -169,10 +195,14 @@ def engine_source(
     if engine is not None:
         if draft is not None or draft_model is not None:
             raise ValueError(f"engine=... already holds the models: do not also pass a draft to {owner}.")
-        if method is None and not given:
-            return EngineSource(owner, engine.method, engine.config, engine=engine)
-        config = _method_config(method or engine.method, given)
-        return EngineSource(owner, _name(method or engine.method), config, engine=engine.with_config(config))
+        limit = _ceiling(max_input_tokens, engine.max_input_tokens)
+        name, config = engine.method, engine.config
+        if method is not None or given:
+            name, config = _name(method or engine.method), _method_config(method or engine.method, given)
+        if config is not engine.config or limit != engine.max_input_tokens:
+            models = (engine.target, engine.tokenizer, engine.draft, engine.draft_tokenizer)
+            engine = SpecEngine(*models, config, max_input_tokens=limit)
+        return EngineSource(owner, name, config, engine=engine, max_input_tokens=limit)
     if not targets:
         model = DEFAULT_TARGET
         if draft is None and draft_model is None:
@@ -197,6 +227,7 @@ def engine_source(
         draft_tokenizer,
         dtype=dtype,
         device=device,
+        max_input_tokens=_ceiling(max_input_tokens),
     )
 
 
@@ -266,7 +297,9 @@ class LazyEngine:
         elif draft is None:
             assert s.draft is not None  # checked by engine_source
             draft, draft_tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
-        return SpecEngine(target, tokenizer, draft, draft_tokenizer, s.config)
+        return SpecEngine(
+            target, tokenizer, draft, draft_tokenizer, s.config, max_input_tokens=s.max_input_tokens
+        )
 
     def target(self) -> Any:
         """The target model if it is at hand without loading, else None."""
@@ -296,13 +329,8 @@ class LazyEngine:
             return len(self.tokenize(prompt)) if prompt else 0
         if not prompt:
             return 0
-        tokenizer = self.tokenizer()
-        messages = [dict(m) for m in prompt]
-        if getattr(tokenizer, "chat_template", None):
-            text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        else:
-            text = format_prompt(tokenizer, messages)
-        return int(encode(tokenizer, text, templated=True)["input_ids"].numel())
+        encoded = encode_prompt(self.tokenizer(), [dict(m) for m in prompt], max_tokens=None)
+        return int(encoded["input_ids"].numel())
 
     def _check(self, prompt: str | list[dict[str, str]]) -> None:
         if not isinstance(prompt, str) and len(prompt) == 0:
@@ -401,6 +429,7 @@ class DraftSource:
     specpc: SpecPC | None = None
     dtype: str = "bfloat16"
     device: str | None = None
+    max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
 
 
 def draft_source(
@@ -414,6 +443,7 @@ def draft_source(
     fields: Mapping[str, Any] | None = None,
     dtype: str = "bfloat16",
     device: str | None = None,
+    max_input_tokens: Ceiling = ...,
 ) -> DraftSource:
     """Check a document compressor's draft and build its config (``fields`` over ``config``,
     over ``specpc``'s config, over SpecPC's defaults with :data:`SPLITTER_DEFAULTS`)."""
@@ -435,7 +465,9 @@ def draft_source(
     update = {name: value for name, value in (fields or {}).items() if value is not None}
     resolved = SpecPCConfig(**{**base.model_dump(), **update})  # validated: a bad mix fails now
     check_model_names(draft)
-    return DraftSource(owner, resolved, draft, draft_model, draft_tokenizer, specpc, dtype, device)
+    own = specpc.max_input_tokens if specpc is not None else DEFAULT_MAX_INPUT_TOKENS
+    limit = _ceiling(max_input_tokens, own)
+    return DraftSource(owner, resolved, draft, draft_model, draft_tokenizer, specpc, dtype, device, limit)
 
 
 class DocumentCompressor:
@@ -461,16 +493,16 @@ class DocumentCompressor:
     def _build(self) -> SpecPC:
         s = self.source
         if s.specpc is not None:
-            if s.specpc.config == s.config:
+            if s.specpc.config == s.config and s.specpc.max_input_tokens == s.max_input_tokens:
                 return s.specpc
-            return SpecPC(s.specpc.model, s.specpc.tokenizer, s.config)
+            return SpecPC(s.specpc.model, s.specpc.tokenizer, s.config, max_input_tokens=s.max_input_tokens)
         model, tokenizer = s.draft_model, s.draft_tokenizer
         if model is None:
             from spec_rag.models import get_model  # imported on first use: it is heavy
 
             assert s.draft is not None  # checked by draft_source
             model, tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
-        return SpecPC(model, tokenizer, s.config)
+        return SpecPC(model, tokenizer, s.config, max_input_tokens=s.max_input_tokens)
 
     def compress(
         self, query: str | None, texts: Sequence[str], *, budget: int, instruction: str | None = None

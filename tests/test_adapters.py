@@ -76,6 +76,22 @@ def test_method_fields_beside_an_engine_rerun_its_models(target: Any, tokenizer:
         engine_source("X", engine=engine, draft=D)
 
 
+def test_max_input_tokens_unset_keeps_the_given_engines_or_specpcs_own(
+    target: Any, tokenizer: Any, draft: Any
+) -> None:
+    engine = SpecEngine(target, tokenizer, draft, tokenizer, SpecKVConfig(), max_input_tokens=50)
+    kept = engine_source("X", engine=engine)
+    assert kept.engine is engine and kept.max_input_tokens == 50
+    lifted = engine_source("X", engine=engine, max_input_tokens=None).engine
+    assert lifted is not None and lifted.max_input_tokens is None and lifted.config is engine.config
+    assert engine_source("X", engine=engine, method="full").max_input_tokens == 50
+    assert engine_source("X", model=T, draft=D).max_input_tokens == adapters.DEFAULT_MAX_INPUT_TOKENS
+    specpc = SpecPC(draft, tokenizer, SpecPCConfig(), max_input_tokens=50)
+    assert DocumentCompressor(draft_source("X", specpc=specpc)).get() is specpc
+    rebuilt = DocumentCompressor(draft_source("X", specpc=specpc, max_input_tokens=80)).get()
+    assert rebuilt is not specpc and rebuilt.max_input_tokens == 80
+
+
 def test_names_are_checked_at_one_call_site(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str | None, ...]] = []
     monkeypatch.setattr(adapters, "check_model_names", lambda *names: seen.append(names))

@@ -52,6 +52,8 @@ class ChatSpecKV(BaseChatModel):
         stop: strings that end the answer; merged with the ``stop`` of each call.
         streaming: make ``invoke`` stream internally (callbacks see tokens as they come).
         dtype / device: how models given by name are loaded.
+        max_input_tokens: ceiling on a request's prompt tokens (``None``: none; unset: the
+            ``engine``'s, else spec-rag's default); a larger request raises ``InputTooLargeError``.
         timeout, max_retries, api_key: accepted for drop-in compatibility and ignored; the
             model runs in this process.
 
@@ -100,6 +102,7 @@ class ChatSpecKV(BaseChatModel):
     streaming: bool = False
     dtype: str = "bfloat16"
     device: str | None = None
+    max_input_tokens: core.InputCeiling = core.DEFAULT_MAX_INPUT_TOKENS
 
     timeout: float | None = None
     max_retries: int | None = None
@@ -114,9 +117,16 @@ class ChatSpecKV(BaseChatModel):
         fields = {name: getattr(self, name) for name in _METHOD_FIELDS}
         sources = {name: getattr(self, name) for name in core.SOURCE_NAMES}
         source = core.engine_source(
-            "ChatSpecKV", **sources, method=method, fields=fields, dtype=self.dtype, device=self.device
+            "ChatSpecKV",
+            **sources,
+            method=method,
+            fields=fields,
+            dtype=self.dtype,
+            device=self.device,
+            max_input_tokens=core.ceiling(self),
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method
+        self.max_input_tokens = source.max_input_tokens
         self._core = core.LazyEngine(source)
         return self
 

@@ -10,7 +10,14 @@ from langchain_core.documents import BaseDocumentCompressor, Document
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from spec_rag import SpecPC, SpecPCConfig
-from spec_rag.adapters import Budget, DocumentCompressor, draft_source
+from spec_rag.adapters import (
+    DEFAULT_MAX_INPUT_TOKENS,
+    Budget,
+    DocumentCompressor,
+    InputCeiling,
+    ceiling,
+    draft_source,
+)
 
 # SpecPCConfig fields a user may set one by one on the compressor (besides max_capacity_prompt).
 _CONFIG_FIELDS = tuple(name for name in SpecPCConfig.model_fields if name != "max_capacity_prompt")
@@ -46,6 +53,8 @@ class SpecPCCompressor(BaseDocumentCompressor):
         dtype / device: how a draft given by name is loaded.
         order: ``"input"`` keeps the retriever's order, ``"score"`` sorts best first.
         instruction: the line the draft reads before the documents (default: SpecPC's).
+        max_input_tokens: ceiling on the tokens of one call's prompt (``None``: none; unset: the
+            ``specpc``'s, else spec-rag's default); a larger call raises ``InputTooLargeError``.
 
     Example:
         .. code-block:: python
@@ -81,6 +90,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
     device: str | None = None
     order: Literal["input", "score"] = "input"
     instruction: str | None = None
+    max_input_tokens: InputCeiling = DEFAULT_MAX_INPUT_TOKENS
 
     _core: DocumentCompressor = PrivateAttr()
 
@@ -100,8 +110,9 @@ class SpecPCCompressor(BaseDocumentCompressor):
             fields=fields,
             dtype=self.dtype,
             device=self.device,
+            max_input_tokens=ceiling(self),
         )
-        self.draft = source.draft
+        self.draft, self.max_input_tokens = source.draft, source.max_input_tokens
         self._core = DocumentCompressor(source)
         return self
 

@@ -20,7 +20,14 @@ from llama_index.core.schema import (
 )
 from llama_index.postprocessor.spec_rag import SpecPCNodePostprocessor
 
-from spec_rag import DocumentCompression, ModelNotFoundError, SpecPC, SpecPCConfig
+from spec_rag import (
+    DEFAULT_MAX_INPUT_TOKENS,
+    DocumentCompression,
+    InputTooLargeError,
+    ModelNotFoundError,
+    SpecPC,
+    SpecPCConfig,
+)
 
 QUERY = "How does the with statement manage a context?"
 ADDED_KEYS = ("spec_rag_score", "spec_rag_original_tokens", "spec_rag_kept_tokens")
@@ -32,6 +39,7 @@ class ScriptedSpecPC:
 
     def __init__(self, results: list[DocumentCompression], config: SpecPCConfig | None = None) -> None:
         self.config = config or SpecPCConfig()
+        self.max_input_tokens = DEFAULT_MAX_INPUT_TOKENS
         self.results = results
         self.calls: list[tuple[str, list[str]]] = []
         self.options: list[dict] = []
@@ -300,3 +308,17 @@ def test_an_empty_node_leaves_the_others_unchanged(tiny_postprocessor):
     assert [(n.node.node_id, n.node.get_content()) for n in mixed] == [
         (n.node.node_id, n.node.get_content()) for n in alone
     ]
+
+
+def test_max_input_tokens_refuses_too_many_nodes_and_the_next_call_works(tiny_draft, tiny_postprocessor):
+    model, tokenizer = tiny_draft
+    bounded = SpecPCNodePostprocessor(
+        draft_model=model, draft_tokenizer=tokenizer, max_input_tokens=300, **SMALL
+    )
+    with pytest.raises(InputTooLargeError, match=r"more than max_input_tokens \(300\)"):
+        bounded.postprocess_nodes(_nodes(4), query_str=QUERY)
+    got = bounded.postprocess_nodes(_nodes(1), query_str=QUERY)
+    want = tiny_postprocessor.postprocess_nodes(_nodes(1), query_str=QUERY)
+    assert [n.node.get_content() for n in got] == [n.node.get_content() for n in want] != []
+    specpc = SpecPC(model, tokenizer, SpecPCConfig(), max_input_tokens=300)
+    assert SpecPCNodePostprocessor(specpc=specpc).max_input_tokens == 300  # unset: the specpc's own

@@ -12,7 +12,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_spec_rag import ChatSpecKV
 
-from spec_rag import SpecEngine, SpecKVConfig
+from spec_rag import InputTooLargeError, SpecEngine, SpecKVConfig
 from spec_rag.adapters import LazyEngine
 
 PROMPT = "Explain what a class definition binds, in one line."
@@ -399,3 +399,32 @@ def _same_models(chat: ChatSpecKV) -> dict[str, Any]:
         "window_size": chat.window_size,
         "max_tokens": chat.max_tokens,
     }
+
+
+# -- the size ceiling ---------------------------------------------------------------------------
+
+
+def test_max_input_tokens_refuses_a_long_prompt_and_the_next_request_is_answered(
+    target: Any, tokenizer: Any, draft: Any
+) -> None:
+    chat = ChatSpecKV(
+        llm=target,
+        tokenizer=tokenizer,
+        draft_model=draft,
+        draft_tokenizer=tokenizer,
+        max_capacity_prompt=64,
+        window_size=8,
+        max_tokens=12,
+        max_input_tokens=100,
+    )
+    with pytest.raises(InputTooLargeError, match=r"more than max_input_tokens \(100\)"):
+        chat.invoke(LONG_PROMPT)
+    assert chat.invoke(PROMPT).content == _engine_answer(target, tokenizer, draft, PROMPT)
+    # Unset beside an engine, the engine's own ceiling holds; set, it replaces it.
+    engine = SpecEngine(target, tokenizer, draft, tokenizer, SpecKVConfig(), max_input_tokens=100)
+    assert ChatSpecKV(engine=engine).max_input_tokens == 100
+    with pytest.raises(InputTooLargeError):
+        ChatSpecKV(engine=engine, max_tokens=2).invoke(LONG_PROMPT)
+    assert (
+        ChatSpecKV(engine=engine, max_input_tokens=None, max_tokens=2).invoke(LONG_PROMPT).content is not None
+    )

@@ -13,7 +13,7 @@ from langchain_core.documents import BaseDocumentTransformer, Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_spec_rag import SpecPCCompressor
 
-from spec_rag import InvalidInputError, ModelNotFoundError, SpecPC, SpecPCConfig
+from spec_rag import InputTooLargeError, InvalidInputError, ModelNotFoundError, SpecPC, SpecPCConfig
 
 QUERY = "How does a class definition bind its name?"
 SMALL = {"window_size": 8, "kernel_size": 5, "neighbor_tokens": 4}
@@ -278,3 +278,17 @@ def test_works_inside_document_compressor_pipeline(compressor: SpecPCCompressor)
     expected = compressor.compress_documents(_documents(), QUERY)
     assert [d.id for d in out] == [d.id for d in expected]
     assert all(d.metadata["tagged"] and "spec_rag" in d.metadata for d in out)
+
+
+def test_max_input_tokens_refuses_too_many_documents_and_the_next_call_works(
+    compressor: SpecPCCompressor, draft: Any, tokenizer: Any
+) -> None:
+    bounded = SpecPCCompressor(
+        draft_model=draft, draft_tokenizer=tokenizer, max_capacity_prompt=220, max_input_tokens=300, **SMALL
+    )
+    with pytest.raises(InputTooLargeError, match=r"more than max_input_tokens \(300\)"):
+        bounded.compress_documents(_documents(), QUERY)
+    one = _documents()[:1]
+    assert bounded.compress_documents(one, QUERY) == compressor.compress_documents(one, QUERY)
+    specpc = SpecPC(draft, tokenizer, SpecPCConfig(**SMALL), max_input_tokens=300)
+    assert SpecPCCompressor(specpc=specpc).max_input_tokens == 300  # unset: the specpc's own

@@ -32,10 +32,12 @@ from llama_index.core.llms.llm import default_completion_to_prompt
 
 from spec_rag import Generation, SpecEngine
 from spec_rag.adapters import (
+    DEFAULT_MAX_INPUT_TOKENS,
     SAMPLING_FIELDS,
     SOURCE_NAMES,
     Budget,
     Delta,
+    InputCeiling,
     LazyEngine,
     Lookahead,
     MaxNewTokens,
@@ -43,6 +45,7 @@ from spec_rag.adapters import (
     TopK,
     TopP,
     Window,
+    ceiling,
     engine_source,
     in_threads,
     sampling_options,
@@ -85,10 +88,16 @@ class SpecKVLLM(CustomLLM):
 
     Chat messages go through the target's chat template. ``complete(prompt)`` sends the prompt
     as a user message (after ``system_prompt``); ``complete(prompt, formatted=True)`` feeds it
-    to the model as-is. Responses carry the token usage in ``raw["usage"]`` and the engine's
-    statistics (method, prompt and cache sizes, timings) in ``raw["spec_rag"]``; a stream's
-    last response carries them together with the last delta. ``get_tokenizer()`` gives the
-    target's tokenizer as a callable for ``Settings.tokenizer``.
+    to the model as-is. Message contents and prompt strings are untrusted (retrieved text lands
+    in them): control-token text in them, e.g. ``<|im_start|>``, is read as plain text, so only
+    the target's chat template opens and closes turns. A ``messages_to_prompt`` or
+    ``completion_to_prompt`` of your own that writes template markers on purpose returns a
+    :class:`spec_rag.TrustedPrompt` (and so does a ``formatted=True`` prompt you templated);
+    the default path sends messages, never a rendered string. Responses carry the token usage
+    in ``raw["usage"]`` and the engine's statistics (method, prompt and cache sizes, timings)
+    in ``raw["spec_rag"]``; a stream's last response carries them together with the last
+    delta. ``get_tokenizer()`` gives the target's tokenizer as a callable for
+    ``Settings.tokenizer``.
 
     Example:
         >>> llm = SpecKVLLM(model="smollm2-135m-instruct", draft="smollm2-135m-instruct")
@@ -125,6 +134,10 @@ class SpecKVLLM(CustomLLM):
     )
     dtype: str = Field(default="bfloat16", description="dtype the models are loaded in (by name).")
     device: str | None = Field(default=None, description="Device the models are loaded on (default CPU).")
+    max_input_tokens: InputCeiling = Field(
+        default=DEFAULT_MAX_INPUT_TOKENS,
+        description="Most prompt tokens a request may have (None: no ceiling; unset: the engine's).",
+    )
 
     _core: LazyEngine = PrivateAttr()
 
@@ -150,8 +163,10 @@ class SpecKVLLM(CustomLLM):
             fields=fields,
             dtype=self.dtype,
             device=self.device,
+            max_input_tokens=ceiling(self),
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method
+        self.max_input_tokens = source.max_input_tokens
         self._core = LazyEngine(source)
 
     @classmethod

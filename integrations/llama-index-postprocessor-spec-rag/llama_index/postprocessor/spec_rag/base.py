@@ -16,7 +16,14 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle
 
 from spec_rag import DocumentCompression, SpecPC, SpecPCConfig
-from spec_rag.adapters import Budget, DocumentCompressor, draft_source
+from spec_rag.adapters import (
+    DEFAULT_MAX_INPUT_TOKENS,
+    Budget,
+    DocumentCompressor,
+    InputCeiling,
+    ceiling,
+    draft_source,
+)
 
 SCORE_KEY = "spec_rag_score"
 ORIGINAL_TOKENS_KEY = "spec_rag_original_tokens"
@@ -76,6 +83,10 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
     )
     dtype: str = Field(default="bfloat16", description="dtype the draft is loaded in (by name).")
     device: str | None = Field(default=None, description="Device the draft is loaded on (default CPU).")
+    max_input_tokens: InputCeiling = Field(
+        default=DEFAULT_MAX_INPUT_TOKENS,
+        description="Most prompt tokens one call may have (None: no ceiling; unset: the specpc's).",
+    )
 
     _core: DocumentCompressor = PrivateAttr()
 
@@ -100,8 +111,9 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
             fields={name: getattr(self, name) for name in _CONFIG_FIELDS},
             dtype=self.dtype,
             device=self.device,
+            max_input_tokens=ceiling(self),
         )
-        self.draft = source.draft
+        self.draft, self.max_input_tokens = source.draft, source.max_input_tokens
         self._core = DocumentCompressor(source)
 
     @classmethod
