@@ -68,12 +68,14 @@ class Request:
         stats: filled in by the stages with what they cost.
         lookahead: target token ids of a lookahead already written (by SpecKV-PC's draft pass,
             or by a caller that ran the draft itself); ``None`` lets the method write its own.
+        greedy: the answer is decoded greedily, so a verified lookahead may open it.
     """
 
     prompt: Prompt
     max_new_tokens: int
     stats: GenerationStats = field(default_factory=GenerationStats)
     lookahead: list[int] | None = None
+    greedy: bool = False
 
 
 @dataclass
@@ -99,6 +101,9 @@ class ScoredCache(ScoredPrompt):
         length: ``L``, prompt tokens the target prefilled; decoding continues at position ``L``.
         cache: the target's cache of the prompt and lookahead (``L + n`` entries); never changed.
         logits: ``[vocab]`` after the last prompt token.
+        accepted: ``k``, the lookahead's first tokens the target's own greedy choice agreed with
+            (0 unless the method verifies its lookahead).
+        verified_logits: ``[vocab]`` after prompt + those ``k`` tokens (``logits`` when ``k`` is 0).
         head_scores: layer -> ``[kv_heads, L]`` window (and lookahead) attention; ``None`` when
             the method scores nothing (full, StreamingLLM) or the budget held the prompt whole.
         window: the last ``window`` positions are always kept.
@@ -107,6 +112,8 @@ class ScoredCache(ScoredPrompt):
     length: int = 0
     cache: Any = None
     logits: torch.Tensor | None = None
+    accepted: int = 0
+    verified_logits: torch.Tensor | None = None
     head_scores: dict[int, torch.Tensor] | None = None
     window: int = 0
 
@@ -144,8 +151,11 @@ class Method:
         serve, so a prompt that fits it whole need not be scored."""
         raise NotImplementedError
 
-    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
-        """The target's cache at ``budget`` (``None``: the config's), from ``scored``."""
+    def select(
+        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+    ) -> Prefilled:
+        """The target's cache at ``budget`` (``None``: the config's), from ``scored``.
+        ``greedy``: the answer is decoded greedily (a verified lookahead may then open it)."""
         raise NotImplementedError
 
     def accepts(self, scored: ScoredPrompt) -> bool:
@@ -154,7 +164,7 @@ class Method:
 
     def prefill(self, request: Request) -> Prefilled:
         budget = self.budget
-        return self.select(self.score(request, budget), budget, request.stats)
+        return self.select(self.score(request, budget), budget, request.stats, greedy=request.greedy)
 
 
 class CacheMethod(Method):
@@ -195,10 +205,14 @@ class CacheMethod(Method):
         full_ids = torch.cat([ids, torch.tensor(lookahead, dtype=torch.long)])  # [L + n]
         cache = new_cache(self.models.target)
         t0 = time.perf_counter()
-        # Logits of the last prompt token: position L - 1, i.e. n + 1 from the end.
-        logits = forward(
+        # The target's next-token logits after x, x y_0, ..., x y_<n: positions L - 1 .. L + n - 1.
+        rows = forward(
             self.models.target, full_ids[None], cache, recorder=recorder, logits_to_keep=len(lookahead) + 1
-        )[0]
+        )  # [n + 1, vocab]
+        accepted = verified_length(rows, lookahead) if getattr(self.config, "verify_lookahead", False) else 0
+        logits = rows[0].clone()  # a copy, not a view: the other rows are freed
+        verified_logits = rows[accepted].clone() if accepted else logits
+        del rows
         stats.target_prefill_s += time.perf_counter() - t0
         return ScoredCache(
             method=self.name,
@@ -207,6 +221,8 @@ class CacheMethod(Method):
             length=length,
             cache=cache,
             logits=logits,
+            accepted=accepted,
+            verified_logits=verified_logits,
             head_scores=None if recorder is None else recorder.per_layer,
             window=self.window(length),
         )
@@ -229,17 +245,48 @@ class CacheMethod(Method):
             ]
         )
 
-    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
+    def select(
+        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+    ) -> Prefilled:
+        """Keep the positions :meth:`positions` picks; under greedy decoding also the verified
+        lookahead's entries (at their true positions ``L .. L + k - 1``), which open the answer."""
         assert isinstance(scored, ScoredCache) and scored.logits is not None
         t0 = time.perf_counter()
         length = scored.length
+        keep = scored.accepted if greedy else 0
+        accepted = torch.arange(length, length + keep)  # [k]
         if budget is not None and budget < length:
             positions: torch.Tensor | None = self.positions(scored, budget)
-        elif scored.cache.get_seq_length() > length:
-            positions = torch.arange(length)  # drop the lookahead's entries
+            assert positions is not None
+            if positions.dim() == 1:  # [C], every head
+                positions = torch.cat([positions, accepted])
+            else:  # [layers, kv_heads, C]
+                positions = torch.cat([positions, accepted.expand(*positions.shape[:-1], keep)], dim=-1)
+        elif scored.cache.get_seq_length() > length + keep:
+            positions = torch.arange(length + keep)  # drop the rest of the lookahead's entries
         else:
             positions = None
         cache = cache_view(scored.cache, positions)
         stats.target_prefill_s += time.perf_counter() - t0
-        stats.kv_cache_tokens = int(cache.get_seq_length())
-        return Prefilled(cache, scored.logits, length, {"lookahead": scored.lookahead})
+        stats.kv_cache_tokens = int(cache.get_seq_length()) - keep
+        stats.lookahead_accepted = keep
+        logits = scored.verified_logits if keep else scored.logits
+        assert logits is not None
+        return Prefilled(
+            cache, logits, length + keep, {"lookahead": scored.lookahead}, accepted=scored.lookahead[:keep]
+        )
+
+
+def verified_length(logits: torch.Tensor, lookahead: Sequence[int]) -> int:
+    """``k``: how many of the lookahead's first tokens the target's greedy choice agrees with.
+
+    ``logits`` is ``[n + 1, vocab]``, the target's logits after the prompt and each lookahead
+    prefix (full cache). Greedy decoding with the full cache would write ``y_0 .. y_{k-1}`` and
+    then ``argmax(logits[k])``: those ``k + 1`` tokens need no decode step of their own.
+    Under sampling, nothing is accepted (the speculative-sampling rule is not implemented).
+    """
+    if not lookahead:
+        return 0
+    choice = logits[: len(lookahead)].argmax(dim=-1).cpu()  # [n]
+    agree = choice == torch.tensor(lookahead, dtype=choice.dtype)  # [n]
+    return int(agree.long().cumprod(dim=0).sum())
