@@ -149,17 +149,21 @@ def keep_cache_positions(cache: DynamicCache, positions: torch.Tensor) -> None:
     ``positions`` is ``[C]`` (same for every head) or ``[layers, kv_heads, C]`` (per head).
     Each layer stays a dense ``[batch, kv_heads, C, head_dim]`` tensor.
     """
-    layer: Any
     for index, layer in enumerate(cache.layers):
-        keys, values = layer.keys, layer.values  # [b, kv_heads, len, head_dim]
-        if positions.dim() == 1:
-            layer.keys = keys[:, :, positions.to(keys.device), :].contiguous()
-            layer.values = values[:, :, positions.to(keys.device), :].contiguous()
-            continue
-        idx = positions[index].to(keys.device)  # [kv_heads, C]
-        idx = idx[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])  # [b, kv, C, d]
-        layer.keys = torch.gather(keys, 2, idx).contiguous()
-        layer.values = torch.gather(values, 2, idx).contiguous()
+        keep_layer_positions(layer, positions if positions.dim() == 1 else positions[index])
+
+
+def keep_layer_positions(layer: Any, positions: torch.Tensor) -> None:
+    """Keep only ``positions`` (``[C]``, or ``[kv_heads, C]`` per head) of one cache layer."""
+    keys, values = layer.keys, layer.values  # [b, kv_heads, len, head_dim]
+    if positions.dim() == 1:
+        layer.keys = keys[:, :, positions.to(keys.device), :].contiguous()
+        layer.values = values[:, :, positions.to(keys.device), :].contiguous()
+        return
+    idx = positions.to(keys.device)  # [kv_heads, C]
+    idx = idx[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])  # [b, kv, C, d]
+    layer.keys = torch.gather(keys, 2, idx).contiguous()
+    layer.values = torch.gather(values, 2, idx).contiguous()
 
 
 def cache_view(cache: DynamicCache, positions: torch.Tensor | None = None) -> DynamicCache:

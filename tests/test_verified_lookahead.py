@@ -196,3 +196,26 @@ def test_the_cache_keeps_the_accepted_entries_at_their_true_positions(target, to
     sampled = method.select(scored, 24, request.stats, greedy=False)
     assert sampled.next_position == length and sampled.accepted == []
     assert sampled.cache.get_seq_length() == 24
+
+
+def test_the_prefill_cuts_each_layer_as_soon_as_its_scores_are_known(target, draft, tokenizer, text):
+    """With one budget to serve, layer 0's cache is already cut when the last layer runs; a
+    scoring for every budget keeps it whole."""
+    first_layer: list[int] = []  # layer 0's cache entries as the last layer starts a prefill
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if hidden is not None and hidden.shape[1] > 1 and cache is not None:
+            first_layer.append(cache.layers[0].keys.shape[2])
+
+    handle = target.model.layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        engine = SpecEngine(target, tokenizer, draft, config=_kv(budget=24, lookahead_tokens=4))
+        answer = engine.generate(text, max_new_tokens=4)
+        scored = engine.score(text, max_new_tokens=4)
+    finally:
+        handle.remove()
+    length = answer.stats.prompt_tokens
+    assert first_layer == [24 + 4, length + 4]
+    assert engine.generate_from(scored, max_new_tokens=4).token_ids == answer.token_ids

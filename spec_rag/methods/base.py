@@ -19,13 +19,21 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 
 from spec_rag._prompt import Prompt, check_fits, encode, encode_prompt
 from spec_rag.config import MethodInfo
-from spec_rag.generation import GenerationStats, Prefilled, cache_view, forward, new_cache
+from spec_rag.generation import (
+    GenerationStats,
+    Prefilled,
+    cache_view,
+    forward,
+    keep_layer_positions,
+    new_cache,
+)
 from spec_rag.scoring import HeadScoreRecorder
 from spec_rag.selection import select_kv_positions
 
@@ -99,13 +107,18 @@ class ScoredCache(ScoredPrompt):
 
     Attributes:
         length: ``L``, prompt tokens the target prefilled; decoding continues at position ``L``.
-        cache: the target's cache of the prompt and lookahead (``L + n`` entries); never changed.
+        cache: the target's cache of the prompt and lookahead (``L + n`` entries, ``C + n`` per
+            head when ``cut``); selecting never changes it.
         logits: ``[vocab]`` after the last prompt token.
         accepted: ``k``, the lookahead's first tokens the target's own greedy choice agreed with
             (0 unless the method verifies its lookahead).
         verified_logits: ``[vocab]`` after prompt + those ``k`` tokens (``logits`` when ``k`` is 0).
         head_scores: layer -> ``[kv_heads, L]`` window (and lookahead) attention; ``None`` when
-            the method scores nothing (full, StreamingLLM) or the budget held the prompt whole.
+            the method scores nothing (full, StreamingLLM), the budget held the prompt whole, or
+            the prefill already cut the cache.
+        cut: the budget ``C`` the prefill already cut every layer to, each layer right after its
+            scores were known, so the whole prompt's cache never existed at once (scored for one
+            budget only); the cache then holds ``C`` prompt entries per head, then the lookahead's.
         window: the last ``window`` positions are always kept.
     """
 
@@ -116,6 +129,7 @@ class ScoredCache(ScoredPrompt):
     verified_logits: torch.Tensor | None = None
     head_scores: dict[int, torch.Tensor] | None = None
     window: int = 0
+    cut: int | None = None
 
 
 class Method:
@@ -204,6 +218,11 @@ class CacheMethod(Method):
             stats.lookahead_tokens = len(lookahead)
         full_ids = torch.cat([ids, torch.tensor(lookahead, dtype=torch.long)])  # [L + n]
         cache = new_cache(self.models.target)
+        # One budget to serve: cut each layer inside the forward, as soon as its scores are known.
+        cut = budget if recorder is not None and type(self).positions is CacheMethod.positions else None
+        if cut is not None:
+            assert recorder is not None
+            recorder.on_layer = partial(self.cut_layer, cache, length, cut)
         t0 = time.perf_counter()
         # The target's next-token logits after x, x y_0, ..., x y_<n: positions L - 1 .. L + n - 1.
         rows = forward(
@@ -223,9 +242,25 @@ class CacheMethod(Method):
             logits=logits,
             accepted=accepted,
             verified_logits=verified_logits,
-            head_scores=None if recorder is None else recorder.per_layer,
+            head_scores=None if recorder is None or cut is not None else recorder.per_layer,
             window=self.window(length),
+            cut=cut,
         )
+
+    def cut_layer(self, cache: Any, length: int, budget: int, layer: int, scores: torch.Tensor) -> None:
+        """Keep ``budget`` prompt entries per head of ``layer``'s cache (chosen from its ``[kv_heads,
+        L]`` ``scores``) and every lookahead entry after them."""
+        kept = select_kv_positions(
+            scores,
+            length,
+            budget,
+            window_size=self.window(length),
+            kernel_size=self.config.kernel_size,
+            pool_type=self.config.pool_type,
+        )  # [kv_heads, C]
+        entry = cache.layers[layer]
+        lookahead = torch.arange(length, entry.keys.shape[2], device=kept.device)  # [n]
+        keep_layer_positions(entry, torch.cat([kept, lookahead.expand(kept.shape[0], -1)], dim=-1))
 
     def positions(self, scored: ScoredCache, budget: int) -> torch.Tensor:
         """``[layers, kv_heads, C]`` sorted positions to keep (``budget < scored.length``)."""
@@ -255,15 +290,23 @@ class CacheMethod(Method):
         length = scored.length
         keep = scored.accepted if greedy else 0
         accepted = torch.arange(length, length + keep)  # [k]
-        if budget is not None and budget < length:
+        prompt_entries = length
+        if scored.cut is not None:
+            if budget != scored.cut:
+                raise ValueError(
+                    f"this {scored.method} scoring was cut to budget {scored.cut} in its prefill; "
+                    "score without a budget to answer at others."
+                )
+            prompt_entries = scored.cut
+        if scored.cut is None and budget is not None and budget < length:
             positions: torch.Tensor | None = self.positions(scored, budget)
             assert positions is not None
             if positions.dim() == 1:  # [C], every head
                 positions = torch.cat([positions, accepted])
             else:  # [layers, kv_heads, C]
                 positions = torch.cat([positions, accepted.expand(*positions.shape[:-1], keep)], dim=-1)
-        elif scored.cache.get_seq_length() > length + keep:
-            positions = torch.arange(length + keep)  # drop the rest of the lookahead's entries
+        elif scored.cache.get_seq_length() > prompt_entries + keep:
+            positions = torch.arange(prompt_entries + keep)  # drop the rest of the lookahead's entries
         else:
             positions = None
         cache = cache_view(scored.cache, positions)
