@@ -41,6 +41,9 @@ def main() -> None:
     )
     verified = SpecEngine.from_pretrained(args.target, args.draft, config, dtype=args.dtype)
     plain = verified.with_config(config.model_copy(update={"verify_lookahead": False}))
+    first = generate_sample(args.task, args.length, args.seed, args.indices[0], verified.tokenizer)
+    for engine in (verified, plain):  # warm-up: the first call in a process pays one-time costs
+        engine.generate(render_prompt(first, verified.tokenizer), max_new_tokens=2)
     totals = {"accepted": 0, "lookahead": 0, "verified_s": 0.0, "plain_s": 0.0, "verified": 0.0, "plain": 0.0}
     for index in args.indices:
         sample = generate_sample(args.task, args.length, args.seed, index, verified.tokenizer)
