@@ -161,9 +161,14 @@ class SpecKVConfig(_KVConfig):
         pool_type / reduction_type: see :class:`SpecPCConfig`.
         lookahead_tokens: ``n``, length of the draft's answer; ``None`` means the request's
             ``max_new_tokens`` (the paper's setting).
+        verify_lookahead: under greedy decoding, open the answer with the lookahead's tokens the
+            target's scoring prefill agrees with, plus the target's next token (exactly what
+            full-cache greedy decoding writes, at no extra forward), keeping their KV entries.
+            Sampled answers accept nothing (the speculative-sampling rule is not implemented).
     """
 
     lookahead_tokens: Annotated[int, Field(ge=0)] | None = None
+    verify_lookahead: bool = True
 
     info: ClassVar[MethodInfo] = MethodInfo(
         "speckv", needs_draft=True, uses_lookahead=True, compresses_prompt=False, compresses_cache=True

@@ -298,7 +298,9 @@ class SpecEngine:
             ) from err
         stats = replace(scored.stats, method=self.method)
         spent = stats.draft_s + stats.target_prefill_s
-        stream = GenerationStream(self, params, lambda: method.select(scored, checked, stats), stats)
+        stream = GenerationStream(
+            self, params, lambda: method.select(scored, checked, stats, greedy=params.greedy), stats
+        )
         return self._drain(stream, spent)
 
     # -- the pipeline ----------------------------------------------------------------------
@@ -308,7 +310,7 @@ class SpecEngine:
     def _stream(self, prompt: Prompt, params: SamplingParams) -> GenerationStream:
         check_prompt(prompt)
         stats = GenerationStats(method=self.method)
-        request = Request(prompt, params.max_new_tokens, stats)
+        request = Request(prompt, params.max_new_tokens, stats, greedy=params.greedy)
         return GenerationStream(self, params, lambda: self._method.prefill(request), stats)
 
     @staticmethod
@@ -340,6 +342,7 @@ class SpecEngine:
             params=params,
             eos_token_ids=self._target_eos,
             result=result,
+            accepted=prefilled.accepted,
         ):
             delta = text.push(token)
             if delta:

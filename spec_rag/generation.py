@@ -40,7 +40,10 @@ class SamplingParams:
 @dataclass
 class GenerationStats:
     """What one request cost. Token counts are per sequence; ``kv_cache_tokens`` is the number of
-    prompt entries each KV head keeps while decoding."""
+    prompt entries each KV head keeps while decoding. ``lookahead_accepted`` counts the draft's
+    lookahead tokens the target's own greedy choice agreed with (SpecKV's verified lookahead): the
+    answer opens with them (and the target's next token), exactly as full-cache greedy decoding
+    would write it, as far as ``max_new_tokens`` allows."""
 
     method: str = "full"
     prompt_tokens: int = 0
@@ -48,6 +51,7 @@ class GenerationStats:
     kv_cache_tokens: int = 0
     output_tokens: int = 0
     lookahead_tokens: int = 0
+    lookahead_accepted: int = 0
     draft_s: float = 0.0
     target_prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -63,16 +67,20 @@ class Prefilled:
 
     Attributes:
         cache: the target's KV cache of the (possibly compressed) prompt; decoding appends to it.
-        logits: ``[vocab]`` the target's logits after the last prompt token.
-        next_position: RoPE position of the first generated token (the prompt length the target
-            saw, whatever the cache kept).
+        logits: ``[vocab]`` the target's logits after the last prompt token (after the last
+            ``accepted`` token when there are some).
+        next_position: RoPE position of the first token the cache does not hold (the prompt
+            length the target saw, whatever the cache kept, plus ``len(accepted)``).
         extras: method-specific outputs a later stage may use (e.g. the lookahead tokens).
+        accepted: the answer's first tokens, already decided (a verified lookahead); the cache
+            holds their entries, so decoding emits them without a forward.
     """
 
     cache: DynamicCache
     logits: torch.Tensor
     next_position: int
     extras: dict[str, Any] = field(default_factory=dict)
+    accepted: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -141,17 +149,21 @@ def keep_cache_positions(cache: DynamicCache, positions: torch.Tensor) -> None:
     ``positions`` is ``[C]`` (same for every head) or ``[layers, kv_heads, C]`` (per head).
     Each layer stays a dense ``[batch, kv_heads, C, head_dim]`` tensor.
     """
-    layer: Any
     for index, layer in enumerate(cache.layers):
-        keys, values = layer.keys, layer.values  # [b, kv_heads, len, head_dim]
-        if positions.dim() == 1:
-            layer.keys = keys[:, :, positions.to(keys.device), :].contiguous()
-            layer.values = values[:, :, positions.to(keys.device), :].contiguous()
-            continue
-        idx = positions[index].to(keys.device)  # [kv_heads, C]
-        idx = idx[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])  # [b, kv, C, d]
-        layer.keys = torch.gather(keys, 2, idx).contiguous()
-        layer.values = torch.gather(values, 2, idx).contiguous()
+        keep_layer_positions(layer, positions if positions.dim() == 1 else positions[index])
+
+
+def keep_layer_positions(layer: Any, positions: torch.Tensor) -> None:
+    """Keep only ``positions`` (``[C]``, or ``[kv_heads, C]`` per head) of one cache layer."""
+    keys, values = layer.keys, layer.values  # [b, kv_heads, len, head_dim]
+    if positions.dim() == 1:
+        layer.keys = keys[:, :, positions.to(keys.device), :].contiguous()
+        layer.values = values[:, :, positions.to(keys.device), :].contiguous()
+        return
+    idx = positions.to(keys.device)  # [kv_heads, C]
+    idx = idx[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])  # [b, kv, C, d]
+    layer.keys = torch.gather(keys, 2, idx).contiguous()
+    layer.values = torch.gather(values, 2, idx).contiguous()
 
 
 def cache_view(cache: DynamicCache, positions: torch.Tensor | None = None) -> DynamicCache:
@@ -210,19 +222,30 @@ def decode_tokens(
     recorder: WindowRecorder | None = None,
     result: DecodeResult | None = None,
     feed_last: bool = False,
+    accepted: Sequence[int] = (),
 ) -> Iterator[int]:
     """Yield up to ``params.max_new_tokens`` token ids; the EOS token ends it and is not yielded.
 
     ``first_logits`` are the logits of the last prompt token; token ``i`` is fed at RoPE
     position ``next_position + i``. ``result`` (if given) collects the ids and finish reason.
     ``feed_last`` also runs the final token through the model, so a recorder sees its query.
+
+    ``accepted`` tokens come first, as they are: the cache already holds their entries, so they
+    cost no forward; ``first_logits`` are then the logits after the last of them and
+    ``next_position`` the position after it.
     """
     result = result if result is not None else DecodeResult()
     sampler = _Sampler(params, first_logits.device)
     eos = set(eos_token_ids)
+    for token in accepted[: params.max_new_tokens]:
+        if token in eos:
+            result.finish_reason = "stop"
+            return
+        result.token_ids.append(token)
+        yield token
     logits = first_logits
     position = next_position
-    for step in range(params.max_new_tokens):
+    for step in range(len(accepted), params.max_new_tokens):
         token = sampler(logits)
         if token in eos:
             result.finish_reason = "stop"

@@ -198,15 +198,31 @@ class TokenScoreRecorder(WindowRecorder):
 
 
 class HeadScoreRecorder(WindowRecorder):
-    """SpecKV / SnapKV: one score per (layer, KV head, prompt position)."""
+    """SpecKV / SnapKV: one score per (layer, KV head, prompt position).
 
-    def __init__(self, window_start: int, num_keys: int, *, reduction: str = "max") -> None:
+    ``on_layer``, when given, receives each layer's ``[kv_heads, L]`` scores as soon as they are
+    known, instead of keeping them (one forward pass: each layer is observed once). The layer's
+    cache then holds that pass's keys and values, so it may be cut right there.
+    """
+
+    def __init__(
+        self,
+        window_start: int,
+        num_keys: int,
+        *,
+        reduction: str = "max",
+        on_layer: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
         super().__init__(window_start, num_keys)
         self.reduction = reduction
+        self.on_layer = on_layer
         self.per_layer: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, L]
 
     def reduce(self, layer: int, probs: torch.Tensor, query_positions: torch.Tensor) -> None:
         scores = reduce_dims(probs, (1, 2), self.reduction)  # [kv_heads, L]
+        if self.on_layer is not None:
+            self.on_layer(layer, scores)
+            return
         previous = self.per_layer.get(layer)
         self.per_layer[layer] = scores if previous is None else torch.maximum(previous, scores)
 

@@ -178,17 +178,20 @@ def test_specpc_shares_one_draft_pass_across_budgets(tiny_harness, bpe, monkeypa
 def test_one_scoring_per_method_and_one_draft_pass_keep_and_answer_what_each_method_alone_would(
     task, bpe, monkeypatch
 ):
-    import spec_rag.generation as generation_module
 
     target = tiny_model("qwen2", bpe, seed=1, layers=2)
     draft = tiny_model("qwen2", bpe, seed=2, layers=2)
-    kept: list[torch.Tensor] = []  # every cache cut, alone runs first, then shared ones
-    original = generation_module.keep_cache_positions
-    monkeypatch.setattr(
-        generation_module,
-        "keep_cache_positions",
-        lambda cache, positions: kept.append(positions.clone()) or original(cache, positions),
-    )
+    import spec_rag.methods.base as base_module
+    import spec_rag.methods.streamingllm as streaming_module
+
+    # every selection of the entries kept, alone runs first, then shared ones: StreamingLLM's
+    # [C] once per cut, SpecKV's and SnapKV's [kv_heads, C] once per layer
+    kept: list[torch.Tensor] = []
+    for module, name in ((base_module, "select_kv_positions"), (streaming_module, "streaming_positions")):
+        original = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _f=original, **k: kept.append(_f(*a, **k).clone()) or kept[-1]
+        )
     prefills: dict[str, list[int]] = {"target": [], "draft": []}  # forwards over more than one token
     for name, model in (("target", target), ("draft", draft)):
         model.register_forward_pre_hook(
@@ -222,7 +225,7 @@ def test_one_scoring_per_method_and_one_draft_pass_keep_and_answer_what_each_met
         else:
             assert len(prefills["target"]) == len(runs) + 1
             assert len(prefills["draft"]) == 3 + 1  # SpecKV at three budgets, then SpecPC
-    assert len(cuts[False]) == len(cuts[True]) == 9
+    assert len(cuts[False]) == len(cuts[True]) == 3 + 6 * target.config.num_hidden_layers
     for alone, shared in zip(cuts[False], cuts[True], strict=True):
         assert torch.equal(alone, shared)
     assert outcomes[True][-1].stats["kept_tokens"] == 256

@@ -100,3 +100,15 @@ def test_specpc_retention_compares_kernels_on_one_draft_pass(draft_dir, monkeypa
         assert f"kernel {kernel:>3}  budget   256: {found / len(sample.answers):.3f}" in out
         counts.append(found)
     assert counts[0] != counts[1]  # the widths select differently here, so a script ignoring --kernels fails
+
+
+def test_verified_lookahead_prints_each_samples_accepted_share(draft_dir, monkeypatch, capsys):
+    # the draft as its own target: every lookahead token is the target's own greedy choice
+    args = ["--task", "niah_single_1", "--length", str(LENGTH), "--indices", "0", "--budget", "64"]
+    args += ["--window-size", "8", "--target", str(draft_dir), "--draft", str(draft_dir)]
+    args += ["--dtype", "float32"]
+    out = _run("verified_lookahead", args, monkeypatch, capsys)
+    line = next(line for line in out.splitlines() if line.startswith("niah_single_1/"))
+    accepted, n = map(int, re.search(r"accepted (\d+)/(\d+)", line).groups())  # type: ignore[union-attr]
+    assert accepted == n > 0 and "(100%)" in line
+    assert re.search(rf"accepted {n} of {n} lookahead tokens \(100%\)", out)

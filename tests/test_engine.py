@@ -73,23 +73,31 @@ def test_speckv_below_the_prompt_keeps_exactly_c_entries_per_head_with_the_windo
         target, tokenizer, draft=draft, config=SpecKVConfig(max_capacity_prompt=40, window_size=8)
     )
     ids = tokenizer(long_text)["input_ids"]
-    kept: list[torch.Tensor] = []
-    import spec_rag.generation as generation_module
+    import spec_rag.methods.base as base_module
 
-    original = generation_module.keep_cache_positions
+    kept: list[torch.Tensor] = []  # each layer's [kv_heads, C] selection
+    lengths: list[list[int]] = []  # each layer's cache entries when decoding starts
+    select_positions, select = base_module.select_kv_positions, engine._method.select
 
-    def spy(cache, positions):
-        kept.append(positions.clone())
-        original(cache, positions)
-        for layer in cache.layers:
-            assert layer.keys.shape[2] == 40 and layer.values.shape[2] == 40
+    def spy_positions(*args, **kwargs):
+        kept.append(select_positions(*args, **kwargs))
+        return kept[-1]
 
-    generation_module.keep_cache_positions = spy
+    def spy_select(*args, **kwargs):
+        prefilled = select(*args, **kwargs)
+        lengths.append([layer.keys.shape[2] for layer in prefilled.cache.layers])
+        lengths.append([layer.values.shape[2] for layer in prefilled.cache.layers])
+        return prefilled
+
+    base_module.select_kv_positions = spy_positions
+    engine._method.select = spy_select  # type: ignore[method-assign]
     try:
         gen = engine.generate(long_text, max_new_tokens=4)
     finally:
-        generation_module.keep_cache_positions = original
-    positions = kept[0]  # [layers, kv_heads, C]
+        base_module.select_kv_positions = select_positions
+    accepted = gen.stats.lookahead_accepted  # the verified lookahead's entries come on top
+    assert lengths == [[40 + accepted] * target.config.num_hidden_layers] * 2
+    positions = torch.stack(kept)  # [layers, kv_heads, C]
     assert positions.shape == (target.config.num_hidden_layers, target.config.num_key_value_heads, 40)
     window = set(range(len(ids) - 8, len(ids)))
     for layer in positions:

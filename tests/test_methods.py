@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import spec_rag.engine as engine_module
-import spec_rag.generation as generation_module
 from spec_rag import (
     METHODS,
     InvalidInputError,
@@ -27,13 +26,18 @@ BUDGETS = (16, 40, 72)
 
 
 def _spy_cuts(monkeypatch) -> list[torch.Tensor]:
+    """Every layer's ``[kv_heads, C]`` KV selection, in order, whether the prefill cuts each layer
+    as its scores come (one budget) or a scoring is cut afterwards (any budget)."""
+    import spec_rag.methods.base as base_module
+
     cuts: list[torch.Tensor] = []
-    original = generation_module.keep_cache_positions
-    monkeypatch.setattr(
-        generation_module,
-        "keep_cache_positions",
-        lambda cache, positions: cuts.append(positions.clone()) or original(cache, positions),
-    )
+    original = base_module.select_kv_positions
+
+    def spy(*args, **kwargs):
+        cuts.append(original(*args, **kwargs).clone())
+        return cuts[-1]
+
+    monkeypatch.setattr(base_module, "select_kv_positions", spy)
     return cuts
 
 
@@ -122,14 +126,17 @@ def test_one_scoring_answers_every_budget_as_a_standalone_run_would(
     n = 8 if kind is SpecKVConfig else 0
     assert target_prefills == [length + n]  # one scoring pass for three budgets
     assert draft_prefills == ([length] if n else [])
-    assert len(cuts) == len(alone_cuts) == len(BUDGETS)
-    for b, a, s, cut_alone, cut_swept in zip(BUDGETS, alone, swept, alone_cuts, cuts, strict=True):
+    layers = target.config.num_hidden_layers
+    assert len(cuts) == len(alone_cuts) == len(BUDGETS) * layers
+    for i, (b, a, s) in enumerate(zip(BUDGETS, alone, swept, strict=True)):
+        cut_alone = torch.stack(alone_cuts[i * layers : (i + 1) * layers])  # [layers, kv_heads, C]
+        cut_swept = torch.stack(cuts[i * layers : (i + 1) * layers])
         assert torch.equal(cut_alone, cut_swept), b
         assert cut_swept.shape[-1] == b
         assert s.token_ids == a.token_ids and len(a.token_ids) > 0, b
         for field in ("kv_cache_tokens", "lookahead_tokens", "prompt_tokens", "target_prefill_tokens"):
             assert getattr(s.stats, field) == getattr(a.stats, field), (b, field)
-    assert not torch.equal(cuts[0][..., :8], cuts[1][..., :8])  # the budgets keep different entries
+    assert not torch.equal(cuts[0][..., :8], cuts[layers][..., :8])  # the budgets keep different entries
     assert scored.cache.get_seq_length() == length + n  # type: ignore[attr-defined]  # never cut
 
 

@@ -19,13 +19,21 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 
 from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, Prompt, check_fits, encode, encode_prompt
 from spec_rag.config import MethodInfo
-from spec_rag.generation import GenerationStats, Prefilled, cache_view, forward, new_cache
+from spec_rag.generation import (
+    GenerationStats,
+    Prefilled,
+    cache_view,
+    forward,
+    keep_layer_positions,
+    new_cache,
+)
 from spec_rag.scoring import HeadScoreRecorder
 from spec_rag.selection import select_kv_positions
 
@@ -72,12 +80,14 @@ class Request:
         stats: filled in by the stages with what they cost.
         lookahead: target token ids of a lookahead already written (by SpecKV-PC's draft pass,
             or by a caller that ran the draft itself); ``None`` lets the method write its own.
+        greedy: the answer is decoded greedily, so a verified lookahead may open it.
     """
 
     prompt: Prompt
     max_new_tokens: int
     stats: GenerationStats = field(default_factory=GenerationStats)
     lookahead: list[int] | None = None
+    greedy: bool = False
 
 
 @dataclass
@@ -101,18 +111,29 @@ class ScoredCache(ScoredPrompt):
 
     Attributes:
         length: ``L``, prompt tokens the target prefilled; decoding continues at position ``L``.
-        cache: the target's cache of the prompt and lookahead (``L + n`` entries); never changed.
+        cache: the target's cache of the prompt and lookahead (``L + n`` entries, ``C + n`` per
+            head when ``cut``); selecting never changes it.
         logits: ``[vocab]`` after the last prompt token.
+        accepted: ``k``, the lookahead's first tokens the target's own greedy choice agreed with
+            (0 unless the method verifies its lookahead).
+        verified_logits: ``[vocab]`` after prompt + those ``k`` tokens (``logits`` when ``k`` is 0).
         head_scores: layer -> ``[kv_heads, L]`` window (and lookahead) attention; ``None`` when
-            the method scores nothing (full, StreamingLLM) or the budget held the prompt whole.
+            the method scores nothing (full, StreamingLLM), the budget held the prompt whole, or
+            the prefill already cut the cache.
+        cut: the budget ``C`` the prefill already cut every layer to, each layer right after its
+            scores were known, so the whole prompt's cache never existed at once (scored for one
+            budget only); the cache then holds ``C`` prompt entries per head, then the lookahead's.
         window: the last ``window`` positions are always kept.
     """
 
     length: int = 0
     cache: Any = None
     logits: torch.Tensor | None = None
+    accepted: int = 0
+    verified_logits: torch.Tensor | None = None
     head_scores: dict[int, torch.Tensor] | None = None
     window: int = 0
+    cut: int | None = None
 
 
 class Method:
@@ -148,8 +169,11 @@ class Method:
         serve, so a prompt that fits it whole need not be scored."""
         raise NotImplementedError
 
-    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
-        """The target's cache at ``budget`` (``None``: the config's), from ``scored``."""
+    def select(
+        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+    ) -> Prefilled:
+        """The target's cache at ``budget`` (``None``: the config's), from ``scored``.
+        ``greedy``: the answer is decoded greedily (a verified lookahead may then open it)."""
         raise NotImplementedError
 
     def accepts(self, scored: ScoredPrompt) -> bool:
@@ -158,7 +182,7 @@ class Method:
 
     def prefill(self, request: Request) -> Prefilled:
         budget = self.budget
-        return self.select(self.score(request, budget), budget, request.stats)
+        return self.select(self.score(request, budget), budget, request.stats, greedy=request.greedy)
 
 
 class CacheMethod(Method):
@@ -199,11 +223,20 @@ class CacheMethod(Method):
             stats.lookahead_tokens = len(lookahead)
         full_ids = torch.cat([ids, torch.tensor(lookahead, dtype=torch.long)])  # [L + n]
         cache = new_cache(self.models.target)
+        # One budget to serve: cut each layer inside the forward, as soon as its scores are known.
+        cut = budget if recorder is not None and type(self).positions is CacheMethod.positions else None
+        if cut is not None:
+            assert recorder is not None
+            recorder.on_layer = partial(self.cut_layer, cache, length, cut)
         t0 = time.perf_counter()
-        # Logits of the last prompt token: position L - 1, i.e. n + 1 from the end.
-        logits = forward(
+        # The target's next-token logits after x, x y_0, ..., x y_<n: positions L - 1 .. L + n - 1.
+        rows = forward(
             self.models.target, full_ids[None], cache, recorder=recorder, logits_to_keep=len(lookahead) + 1
-        )[0]
+        )  # [n + 1, vocab]
+        accepted = verified_length(rows, lookahead) if getattr(self.config, "verify_lookahead", False) else 0
+        logits = rows[0].clone()  # a copy, not a view: the other rows are freed
+        verified_logits = rows[accepted].clone() if accepted else logits
+        del rows
         stats.target_prefill_s += time.perf_counter() - t0
         return ScoredCache(
             method=self.name,
@@ -212,9 +245,27 @@ class CacheMethod(Method):
             length=length,
             cache=cache,
             logits=logits,
-            head_scores=None if recorder is None else recorder.per_layer,
+            accepted=accepted,
+            verified_logits=verified_logits,
+            head_scores=None if recorder is None or cut is not None else recorder.per_layer,
             window=self.window(length),
+            cut=cut,
         )
+
+    def cut_layer(self, cache: Any, length: int, budget: int, layer: int, scores: torch.Tensor) -> None:
+        """Keep ``budget`` prompt entries per head of ``layer``'s cache (chosen from its ``[kv_heads,
+        L]`` ``scores``) and every lookahead entry after them."""
+        kept = select_kv_positions(
+            scores,
+            length,
+            budget,
+            window_size=self.window(length),
+            kernel_size=self.config.kernel_size,
+            pool_type=self.config.pool_type,
+        )  # [kv_heads, C]
+        entry = cache.layers[layer]
+        lookahead = torch.arange(length, entry.keys.shape[2], device=kept.device)  # [n]
+        keep_layer_positions(entry, torch.cat([kept, lookahead.expand(kept.shape[0], -1)], dim=-1))
 
     def positions(self, scored: ScoredCache, budget: int) -> torch.Tensor:
         """``[layers, kv_heads, C]`` sorted positions to keep (``budget < scored.length``)."""
@@ -234,17 +285,56 @@ class CacheMethod(Method):
             ]
         )
 
-    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
+    def select(
+        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+    ) -> Prefilled:
+        """Keep the positions :meth:`positions` picks; under greedy decoding also the verified
+        lookahead's entries (at their true positions ``L .. L + k - 1``), which open the answer."""
         assert isinstance(scored, ScoredCache) and scored.logits is not None
         t0 = time.perf_counter()
         length = scored.length
-        if budget is not None and budget < length:
+        keep = scored.accepted if greedy else 0
+        accepted = torch.arange(length, length + keep)  # [k]
+        prompt_entries = length
+        if scored.cut is not None:
+            if budget != scored.cut:
+                raise ValueError(
+                    f"this {scored.method} scoring was cut to budget {scored.cut} in its prefill; "
+                    "score without a budget to answer at others."
+                )
+            prompt_entries = scored.cut
+        if scored.cut is None and budget is not None and budget < length:
             positions: torch.Tensor | None = self.positions(scored, budget)
-        elif scored.cache.get_seq_length() > length:
-            positions = torch.arange(length)  # drop the lookahead's entries
+            assert positions is not None
+            if positions.dim() == 1:  # [C], every head
+                positions = torch.cat([positions, accepted])
+            else:  # [layers, kv_heads, C]
+                positions = torch.cat([positions, accepted.expand(*positions.shape[:-1], keep)], dim=-1)
+        elif scored.cache.get_seq_length() > prompt_entries + keep:
+            positions = torch.arange(prompt_entries + keep)  # drop the rest of the lookahead's entries
         else:
             positions = None
         cache = cache_view(scored.cache, positions)
         stats.target_prefill_s += time.perf_counter() - t0
-        stats.kv_cache_tokens = int(cache.get_seq_length())
-        return Prefilled(cache, scored.logits, length, {"lookahead": scored.lookahead})
+        stats.kv_cache_tokens = int(cache.get_seq_length()) - keep
+        stats.lookahead_accepted = keep
+        logits = scored.verified_logits if keep else scored.logits
+        assert logits is not None
+        return Prefilled(
+            cache, logits, length + keep, {"lookahead": scored.lookahead}, accepted=scored.lookahead[:keep]
+        )
+
+
+def verified_length(logits: torch.Tensor, lookahead: Sequence[int]) -> int:
+    """``k``: how many of the lookahead's first tokens the target's greedy choice agrees with.
+
+    ``logits`` is ``[n + 1, vocab]``, the target's logits after the prompt and each lookahead
+    prefix (full cache). Greedy decoding with the full cache would write ``y_0 .. y_{k-1}`` and
+    then ``argmax(logits[k])``: those ``k + 1`` tokens need no decode step of their own.
+    Under sampling, nothing is accepted (the speculative-sampling rule is not implemented).
+    """
+    if not lookahead:
+        return 0
+    choice = logits[: len(lookahead)].argmax(dim=-1).cpu()  # [n]
+    agree = choice == torch.tensor(lookahead, dtype=choice.dtype)  # [n]
+    return int(agree.long().cumprod(dim=0).sum())

@@ -27,15 +27,21 @@ class SpecKVPC(Method):
 
     def score(self, request: Request, budget: int | None = None) -> ScoredCache:
         """The prompt cut at the SpecPC budget, then the target's scoring prefill of what is kept;
-        ``budget`` is the cache budget."""
+        ``budget`` is the cache budget.
+
+        A prompt that fits the SpecPC budget is not cut: the draft only writes the lookahead
+        (SpecKV alone), and not even that when the prompt also fits the cache budget."""
         pc_budget = self.specpc.config.max_capacity_prompt
         n = self.speckv.lookahead_length(request)
         tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n)
         ids = self.specpc.cut(tokens, pc_budget, request.stats)
+        lookahead = tokens.lookahead if tokens.scores is not None else None  # None: SpecKV writes it
         request.stats.lookahead_tokens = len(tokens.lookahead)
-        scored = self.speckv.score_ids(replace(request, lookahead=tokens.lookahead), ids, budget)
+        scored = self.speckv.score_ids(replace(request, lookahead=lookahead), ids, budget)
         scored.method = self.name
         return scored
 
-    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
-        return self.speckv.select(scored, budget, stats)
+    def select(
+        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+    ) -> Prefilled:
+        return self.speckv.select(scored, budget, stats, greedy=greedy)

@@ -25,14 +25,15 @@ class ScoredTokens(ScoredPrompt):
     Attributes:
         prompt: the prompt as given (chat messages are cut message by message).
         text / input_ids / offsets: the prompt as scored, ``input_ids`` ``[L]``.
-        scores: ``[L]`` smoothed token scores.
+        scores: ``[L]`` smoothed token scores; ``None`` when the prompt fit the only budget
+            it was scored for, so the draft never ran.
     """
 
     prompt: Prompt = ""
     text: str = ""
     input_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     offsets: list[tuple[int, int]] = field(default_factory=list)
-    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    scores: torch.Tensor | None = field(default_factory=lambda: torch.empty(0))
 
 
 class SpecPCMethod(Method):
@@ -56,9 +57,15 @@ class SpecPCMethod(Method):
         enc = encode_prompt(tokenizer, request.prompt, offsets=True, max_tokens=models.max_input_tokens)
         if budget is not None:
             check_capacity(budget, self.config.window_size)  # before the draft's pass, not after
-        raw, lookahead = self.compressor.score_tokens(enc["input_ids"], lookahead_tokens=lookahead_tokens)
-        scores = self.compressor.smooth(raw)
-        lookahead = models.to_target_ids(lookahead)
+        fits = budget is not None and enc["input_ids"].numel() <= budget
+        scores: torch.Tensor | None = None
+        lookahead: list[int] = []
+        if not fits:  # nothing would be cut at the only budget asked for: no draft pass
+            raw, draft_lookahead = self.compressor.score_tokens(
+                enc["input_ids"], lookahead_tokens=lookahead_tokens
+            )
+            scores = self.compressor.smooth(raw)
+            lookahead = models.to_target_ids(draft_lookahead)
         stats.draft_s += time.perf_counter() - t0
         stats.prompt_tokens = enc["input_ids"].numel()
         return ScoredTokens(
@@ -76,6 +83,13 @@ class SpecPCMethod(Method):
         """``[kept]`` target ids of the prompt kept at ``budget``."""
         models = self.models
         t0 = time.perf_counter()
+        if scored.scores is None:
+            if budget < scored.input_ids.numel():
+                raise InvalidInputError(
+                    f"this SpecPC scoring skipped the draft (the prompt fit its budget); budget {budget} "
+                    "would cut it: score the prompt without a budget (engine.score(prompt))."
+                )
+            return self.whole_prompt(scored)
         compression = self.compressor.cut(
             scored.text, scored.input_ids, scored.offsets, scored.scores, budget
         )
@@ -98,7 +112,15 @@ class SpecPCMethod(Method):
         stats.draft_s += time.perf_counter() - t0
         return ids
 
-    def select(self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats) -> Prefilled:
+    def whole_prompt(self, scored: ScoredTokens) -> torch.Tensor:
+        """``[L]`` target ids of the prompt, nothing cut."""
+        if self.models.shared_vocabulary:
+            return scored.input_ids
+        return encode_prompt(self.models.tokenizer, scored.prompt)["input_ids"]
+
+    def select(
+        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+    ) -> Prefilled:
         if not isinstance(scored, ScoredTokens):
             raise InvalidInputError(f"SpecPC cannot answer from a {scored.method!r} scoring.")
         ids = self.cut(scored, self.config.budget if budget is None else budget, stats)

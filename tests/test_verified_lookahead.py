@@ -1,0 +1,221 @@
+"""SpecKV's verified lookahead (the target's scoring prefill checks the draft's tokens), and the
+draft skipped when the prompt fits the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spec_rag import SpecEngine, SpecKVConfig, SpecKVPCConfig, SpecPCConfig
+from spec_rag.generation import DecodeResult, SamplingParams, decode_tokens, new_cache
+
+N = 10
+
+
+def _kv(budget: int = 24, **fields) -> SpecKVConfig:
+    return SpecKVConfig(max_capacity_prompt=budget, window_size=8, **fields)
+
+
+def _count_forwards(model) -> list[int]:
+    """Lengths of every forward pass of ``model`` from now on."""
+    lengths: list[int] = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    return lengths
+
+
+@pytest.fixture
+def text(long_text) -> str:
+    return long_text[:700]
+
+
+def test_the_accepted_prefix_and_the_next_token_are_full_inferences_greedy_tokens(
+    target, draft, tokenizer, text
+):
+    full = SpecEngine(target, tokenizer).generate(text, max_new_tokens=N)
+    assert len(full.token_ids) == N
+    engine = SpecEngine(target, tokenizer, draft, config=_kv())
+    for k in (0, 3, 6):
+        wrong = (full.token_ids[k] + 1) % len(tokenizer)
+        lookahead = [*full.token_ids[:k], wrong, *full.token_ids[k + 1 : N]]
+        scored = engine.score(text, max_new_tokens=N, lookahead=lookahead)
+        answer = engine.generate_from(scored, max_new_tokens=N)
+        assert answer.stats.lookahead_accepted == k
+        assert answer.token_ids[: k + 1] == full.token_ids[: k + 1]
+        assert answer.stats.kv_cache_tokens == 24  # prompt entries; the k accepted ones come on top
+        # the same scoring, sampled: nothing is accepted
+        sampled = engine.generate_from(scored, max_new_tokens=N, temperature=1.0, seed=0)
+        assert sampled.stats.lookahead_accepted == 0
+        # and with verification off, the answer is plain SpecKV's
+        plain = engine.with_config(_kv(verify_lookahead=False))
+        off = plain.generate_from(plain.score(text, max_new_tokens=N, lookahead=lookahead), max_new_tokens=N)
+        assert off.stats.lookahead_accepted == 0
+
+
+def test_with_the_target_as_its_own_draft_the_whole_answer_is_full_inferences(target, tokenizer, text):
+    full = SpecEngine(target, tokenizer).generate(text, max_new_tokens=N)
+    target_forwards = _count_forwards(target)
+    answer = SpecEngine(target, tokenizer, target, config=_kv()).generate(text, max_new_tokens=N)
+    assert answer.stats.lookahead_accepted == N
+    assert answer.token_ids == full.token_ids and answer.text == full.text
+    # draft: one prefill and N - 1 decode steps; target: one scoring prefill, no decode step at all
+    assert target_forwards.count(1) == N - 1
+    assert [n for n in target_forwards if n > 1] == [
+        answer.stats.prompt_tokens,
+        answer.stats.prompt_tokens + N,
+    ]
+    # a longer answer decodes on from position L + N + 1, on the compressed cache plus the N entries
+    longer = SpecEngine(target, tokenizer, target, config=_kv(lookahead_tokens=N)).generate(
+        text, max_new_tokens=N + 6
+    )
+    assert (
+        longer.token_ids[: N + 1]
+        == SpecEngine(target, tokenizer).generate(text, max_new_tokens=N + 1).token_ids
+    )
+    assert len(longer.token_ids) == N + 6
+
+
+def test_speckv_pc_verifies_its_lookahead_too(target, tokenizer, text):
+    full = SpecEngine(target, tokenizer).generate(text, max_new_tokens=N)
+    pc = SpecPCConfig(max_capacity_prompt=1024, window_size=16, kernel_size=8, neighbor_tokens=8)
+    config = SpecKVPCConfig(specpc=pc, speckv=_kv())
+    answer = SpecEngine(target, tokenizer, target, config=config).generate(text, max_new_tokens=N)
+    assert answer.stats.lookahead_accepted == N and answer.token_ids == full.token_ids
+
+
+def test_streaming_gives_the_same_verified_text(target, tokenizer, text):
+    engine = SpecEngine(target, tokenizer, target, config=_kv(lookahead_tokens=6))
+    whole = engine.generate(text, max_new_tokens=N)
+    assert whole.stats.lookahead_accepted == 6
+    assert "".join(engine.stream(text, max_new_tokens=N)) == whole.text
+
+
+def test_max_new_tokens_shorter_than_the_accepted_prefix_is_respected(target, tokenizer, text):
+    full = SpecEngine(target, tokenizer).generate(text, max_new_tokens=3)
+    answer = SpecEngine(target, tokenizer, target, config=_kv(lookahead_tokens=8)).generate(
+        text, max_new_tokens=3
+    )
+    assert answer.token_ids == full.token_ids and len(answer.token_ids) == 3
+    assert answer.finish_reason == "length"
+
+
+def test_eos_inside_the_accepted_tokens_ends_the_answer(target, tokenizer):
+    eos = tokenizer.eos_token_id
+    result = DecodeResult()
+    tokens = list(
+        decode_tokens(
+            target,
+            new_cache(target),
+            torch.zeros(len(tokenizer)),
+            next_position=3,
+            params=SamplingParams(max_new_tokens=8),
+            eos_token_ids=[eos],
+            result=result,
+            accepted=[5, 6, eos, 7],
+        )
+    )
+    assert tokens == [5, 6] and result.finish_reason == "stop"
+
+
+def test_a_stop_string_inside_the_accepted_tokens_ends_the_answer(target, tokenizer, text):
+    full = SpecEngine(target, tokenizer).generate(text, max_new_tokens=N)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip()
+    cut = full.text[: full.text.find(stop)]
+    answer = SpecEngine(target, tokenizer, target, config=_kv()).generate(text, max_new_tokens=N, stop=stop)
+    assert answer.text == cut and answer.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SpecPCConfig(max_capacity_prompt=4096, window_size=16),
+        _kv(budget=4096),
+        SpecKVPCConfig(
+            specpc=SpecPCConfig(max_capacity_prompt=4096, window_size=16),
+            speckv=_kv(budget=4096),
+        ),
+    ],
+    ids=["specpc", "speckv", "speckv-pc"],
+)
+def test_no_draft_pass_when_the_prompt_fits_the_budget(config, target, draft, tokenizer, text):
+    draft_forwards = _count_forwards(draft)
+    answer = SpecEngine(target, tokenizer, draft, config=config).generate(text, max_new_tokens=6)
+    assert draft_forwards == []
+    assert answer.token_ids == SpecEngine(target, tokenizer).generate(text, max_new_tokens=6).token_ids
+
+
+def test_speckv_pc_with_a_prompt_that_fits_the_prompt_budget_is_speckv(target, draft, tokenizer, text):
+    kv = _kv(budget=24)
+    config = SpecKVPCConfig(specpc=SpecPCConfig(max_capacity_prompt=4096, window_size=16), speckv=kv)
+    draft_forwards = _count_forwards(draft)
+    cascade = SpecEngine(target, tokenizer, draft, config=config).generate(text, max_new_tokens=6)
+    # one draft pass writing the lookahead, with no attention recorded for a prompt cut
+    assert draft_forwards[0] == cascade.stats.prompt_tokens and draft_forwards[1:] == [1] * 5
+    alone = SpecEngine(target, tokenizer, draft, config=kv).generate(text, max_new_tokens=6)
+    assert cascade.token_ids == alone.token_ids
+    assert cascade.stats.kv_cache_tokens == alone.stats.kv_cache_tokens == 24
+
+
+def test_a_specpc_scoring_that_skipped_the_draft_refuses_a_budget_that_would_cut(
+    target, draft, tokenizer, text
+):
+    from spec_rag import InvalidInputError
+    from spec_rag.methods import Models, Request
+    from spec_rag.methods.specpc import SpecPCMethod
+
+    method = SpecPCMethod(
+        SpecPCConfig(max_capacity_prompt=4096, window_size=16),
+        Models(target, tokenizer, draft, tokenizer, shared_vocabulary=True),
+    )
+    request = Request(text, 4)
+    scored = method.score(request, 4096)
+    assert scored.scores is None
+    with pytest.raises(InvalidInputError, match="score the prompt without a budget"):
+        method.select(scored, 32, request.stats)
+
+
+def test_the_cache_keeps_the_accepted_entries_at_their_true_positions(target, tokenizer, text):
+    from spec_rag.methods import Models, Request, build_method
+
+    method = build_method(
+        _kv(lookahead_tokens=5), Models(target, tokenizer, target, tokenizer, shared_vocabulary=True)
+    )
+    request = Request(text, 8, greedy=True)
+    scored = method.score(request)
+    assert scored.accepted == 5
+    length = scored.length
+    prefilled = method.select(scored, 24, request.stats, greedy=True)
+    assert prefilled.next_position == length + 5 and prefilled.accepted == scored.lookahead
+    for whole, kept in zip(scored.cache.layers, prefilled.cache.layers, strict=True):
+        assert kept.keys.shape[2] == 24 + 5
+        assert torch.equal(kept.keys[:, :, 24:], whole.keys[:, :, length : length + 5])
+        assert torch.equal(kept.values[:, :, 24:], whole.values[:, :, length : length + 5])
+    # sampled: the lookahead's entries are all dropped and decoding starts after the prompt
+    sampled = method.select(scored, 24, request.stats, greedy=False)
+    assert sampled.next_position == length and sampled.accepted == []
+    assert sampled.cache.get_seq_length() == 24
+
+
+def test_the_prefill_cuts_each_layer_as_soon_as_its_scores_are_known(target, draft, tokenizer, text):
+    """With one budget to serve, layer 0's cache is already cut when the last layer runs; a
+    scoring for every budget keeps it whole."""
+    first_layer: list[int] = []  # layer 0's cache entries as the last layer starts a prefill
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if hidden is not None and hidden.shape[1] > 1 and cache is not None:
+            first_layer.append(cache.layers[0].keys.shape[2])
+
+    handle = target.model.layers[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        engine = SpecEngine(target, tokenizer, draft, config=_kv(budget=24, lookahead_tokens=4))
+        answer = engine.generate(text, max_new_tokens=4)
+        scored = engine.score(text, max_new_tokens=4)
+    finally:
+        handle.remove()
+    length = answer.stats.prompt_tokens
+    assert first_layer == [24 + 4, length + 4]
+    assert engine.generate_from(scored, max_new_tokens=4).token_ids == answer.token_ids
