@@ -69,7 +69,7 @@ def test_compressed_rag_chain_answers_the_planted_fact() -> None:
     ]
     retriever = ContextualCompressionRetriever(
         base_compressor=SpecPCCompressor(
-            draft=SMOLLM2, max_capacity_prompt=160, window_size=16, kernel_size=9, neighbor_tokens=8
+            draft=SMOLLM2, max_capacity_prompt=80, window_size=16, kernel_size=9, neighbor_tokens=8
         ),
         base_retriever=_BM25Retriever(documents=documents),
     )
