@@ -347,7 +347,7 @@ class SpecPC:
         if not documents:
             return []
         check_input_chars(sum(map(len, documents)) + len(query) + len(instruction), self.max_input_tokens)
-        text, spans, content = self._document_prompt_with_content(query, documents, instruction)
+        text, spans, content = self._document_prompt(query, documents, instruction)
         enc = encode_text(
             self.tokenizer,
             text,
@@ -417,13 +417,6 @@ class SpecPC:
         return results
 
     def _document_prompt(
-        self, query: str, documents: Sequence[str], instruction: str
-    ) -> tuple[str, list[Span]]:
-        """The assembled RAG prompt and each document's character span in it."""
-        text, spans, _ = self._document_prompt_with_content(query, documents, instruction)
-        return text, spans
-
-    def _document_prompt_with_content(
         self, query: str, documents: Sequence[str], instruction: str
     ) -> tuple[str, list[Span], list[Span]]:
         """The assembled RAG prompt, each document's character span in it, and the spans of its

@@ -78,7 +78,7 @@ def test_documents_share_one_budget_and_the_question_is_never_cut(pc, tokenizer,
     if not present:
         assert all(p.original_tokens == p.kept_tokens == 0 for p in parts)
         return
-    text, _ = pc._document_prompt(query, present, "Answer the question using the documents below.")
+    text, _, _ = pc._document_prompt(query, present, "Answer the question using the documents below.")
     total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     in_docs = sum(p.original_tokens for p in parts)
     kept = sum(p.kept_tokens for p in parts)
@@ -170,7 +170,7 @@ def test_a_document_does_not_lend_its_scores_to_its_neighbour(draft, tokenizer):
     wide = SpecPC(draft, tokenizer, SpecPCConfig(max_capacity_prompt=400, window_size=8, kernel_size=64))
     docs = ["alpha beta gamma " * 10, "delta epsilon zeta " * 10, "eta theta iota " * 10]
     query = "Which letters?"
-    text, spans = wide._document_prompt(query, docs, "Answer the question using the documents below.")
+    text, spans, _ = wide._document_prompt(query, docs, "Answer the question using the documents below.")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     raw, _ = wide.score_tokens(torch.tensor(enc["input_ids"]))
     peaks = []
