@@ -430,6 +430,7 @@ class DraftSource:
     dtype: str = "bfloat16"
     device: str | None = None
     max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
+    target_tokenizer: Any = None  # a name or path, or a tokenizer object; None: the draft's
 
 
 def draft_source(
@@ -444,9 +445,14 @@ def draft_source(
     dtype: str = "bfloat16",
     device: str | None = None,
     max_input_tokens: Ceiling = ...,
+    target_tokenizer: Any = None,
 ) -> DraftSource:
     """Check a document compressor's draft and build its config (``fields`` over ``config``,
-    over ``specpc``'s config, over SpecPC's defaults with :data:`SPLITTER_DEFAULTS`)."""
+    over ``specpc``'s config, over SpecPC's defaults with :data:`SPLITTER_DEFAULTS`).
+
+    ``target_tokenizer`` (the served model's tokenizer: a name or path that
+    :func:`spec_rag.models.load_tokenizer` loads, or a tokenizer object) makes the budget count
+    the documents' tokens in it; a name is checked now and loaded on first use."""
     given = [
         n for n, v in (("draft", draft), ("draft_model", draft_model), ("specpc", specpc)) if v is not None
     ]
@@ -464,10 +470,20 @@ def draft_source(
     base = config or (specpc.config if specpc is not None else SpecPCConfig(**SPLITTER_DEFAULTS))
     update = {name: value for name, value in (fields or {}).items() if value is not None}
     resolved = SpecPCConfig(**{**base.model_dump(), **update})  # validated: a bad mix fails now
-    check_model_names(draft)
+    if isinstance(target_tokenizer, str):
+        check_model_names(draft, target_tokenizer)
+    elif target_tokenizer is not None and not callable(target_tokenizer):
+        raise ValueError(
+            f"{owner}'s target_tokenizer must be a model name or path, or a tokenizer object "
+            f"(got {type(target_tokenizer).__name__})."
+        )
+    else:
+        check_model_names(draft)
     own = specpc.max_input_tokens if specpc is not None else DEFAULT_MAX_INPUT_TOKENS
     limit = _ceiling(max_input_tokens, own)
-    return DraftSource(owner, resolved, draft, draft_model, draft_tokenizer, specpc, dtype, device, limit)
+    return DraftSource(
+        owner, resolved, draft, draft_model, draft_tokenizer, specpc, dtype, device, limit, target_tokenizer
+    )
 
 
 class DocumentCompressor:
@@ -480,6 +496,7 @@ class DocumentCompressor:
     def __init__(self, source: DraftSource) -> None:
         self.source = source
         self._specpc: SpecPC | None = None
+        self._target_tokenizer: Any = None
         self._lock = threading.Lock()
         self._warned = False
 
@@ -504,10 +521,24 @@ class DocumentCompressor:
             model, tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
         return SpecPC(model, tokenizer, s.config, max_input_tokens=s.max_input_tokens)
 
+    def target_tokenizer(self) -> Any:
+        """The tokenizer the budget counts in (``None``: the draft's), loaded on first use."""
+        given = self.source.target_tokenizer
+        if not isinstance(given, str):
+            return given
+        if self._target_tokenizer is None:
+            with self._lock:
+                if self._target_tokenizer is None:
+                    from spec_rag.models import load_tokenizer  # imported on first use: it is heavy
+
+                    self._target_tokenizer = load_tokenizer(given)
+        return self._target_tokenizer
+
     def compress(
         self, query: str | None, texts: Sequence[str], *, budget: int, instruction: str | None = None
     ) -> list[DocumentCompression]:
-        """What SpecPC keeps of each text for ``query``, the texts sharing ``budget`` tokens."""
+        """What SpecPC keeps of each text for ``query``, the texts sharing ``budget`` tokens
+        (counted in the target tokenizer when the source names one, else in the draft's)."""
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError(
                 f"{self.source.owner} got an empty query; it needs the query, since SpecPC keeps what the "
@@ -515,7 +546,7 @@ class DocumentCompressor:
             )
         if not texts:
             return []
-        options: dict[str, Any] = {"max_document_tokens": budget}
+        options: dict[str, Any] = {"max_document_tokens": budget, "target_tokenizer": self.target_tokenizer()}
         if instruction is not None:
             options["instruction"] = instruction
         parts = self.get().compress_documents(query, list(texts), **options)

@@ -7,7 +7,7 @@ reach the target.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -318,6 +318,7 @@ class SpecPC:
         instruction: str = DEFAULT_INSTRUCTION,
         max_capacity_prompt: int | None = None,
         max_document_tokens: int | None = None,
+        target_tokenizer: Any = None,
     ) -> list[DocumentCompression]:
         """Compress retrieved documents for ``query`` under one whole-prompt budget.
 
@@ -328,6 +329,12 @@ class SpecPC:
         Returns one entry per input document, in input order (``kept_tokens == 0`` where
         nothing was worth keeping). Empty and whitespace-only documents stay out of the prompt,
         so they take no budget, and come back as they are with ``original_tokens == 0``.
+
+        ``target_tokenizer`` (a tokenizer object, e.g. a served model's) counts the documents in
+        that tokenizer instead of the draft's: with ``max_document_tokens=N`` the kept texts,
+        each tokenised by ``target_tokenizer``, hold at most ``N`` tokens together, and
+        ``original_tokens`` / ``kept_tokens`` are its counts. The draft still scores in its own
+        tokens; the selection keeps the most draft tokens whose text fits the target's count.
         """
         if not isinstance(query, str) or not query.strip():
             raise InvalidInputError("the query is empty; SpecPC scores documents by what they say about it.")
@@ -337,15 +344,24 @@ class SpecPC:
         present = [i for i, d in enumerate(documents) if d.strip()]
         if len(present) < len(documents):
             out = [DocumentCompression(i, d, 0.0, 0, 0) for i, d in enumerate(documents)]
-            budgets = {"max_capacity_prompt": max_capacity_prompt, "max_document_tokens": max_document_tokens}
             parts = self.compress_documents(
-                query, [documents[i] for i in present], instruction=instruction, **budgets
+                query,
+                [documents[i] for i in present],
+                instruction=instruction,
+                max_capacity_prompt=max_capacity_prompt,
+                max_document_tokens=max_document_tokens,
+                target_tokenizer=target_tokenizer,
             )
             for i, part in zip(present, parts, strict=True):
                 out[i] = replace(part, index=i)
             return out
         if not documents:
             return []
+        if target_tokenizer is not None and max_document_tokens is None:
+            raise InvalidInputError(
+                "target_tokenizer counts the documents' tokens in the served model's tokenizer; pass "
+                "max_document_tokens=N (the served side's template, instruction and question come on top)."
+            )
         check_input_chars(sum(map(len, documents)) + len(query) + len(instruction), self.max_input_tokens)
         text, spans, content = self._document_prompt(query, documents, instruction)
         enc = encode_text(
@@ -386,35 +402,54 @@ class SpecPC:
             positions = torch.nonzero(owner == i).flatten()
             if positions.numel():
                 scores[positions] = self.smooth(raw[positions])
-        kept = select_prompt_tokens(
-            scores,
-            capacity,
-            window_size=0,
-            neighbor_tokens=self.config.neighbor_tokens,
-            always_keep=~in_docs,
-            candidates=in_docs,
-            segments=owner,
-        )
-        kept_owner = owner[kept]
+
+        def select(capacity: int) -> torch.Tensor:
+            return select_prompt_tokens(
+                scores,
+                capacity,
+                window_size=0,
+                neighbor_tokens=self.config.neighbor_tokens,
+                always_keep=~in_docs,
+                candidates=in_docs,
+                segments=owner,
+            )
+
+        def kept_texts(kept: torch.Tensor) -> list[str]:
+            kept_owner = owner[kept]
+            return [
+                text_from_spans(text, offsets, kept[kept_owner == i].tolist()).strip()
+                for i in range(len(documents))
+            ]
+
+        if target_tokenizer is None:
+            kept = select(capacity)
+            texts = kept_texts(kept)
+            kept_counts = [int((owner[kept] == i).sum()) for i in range(len(documents))]
+            original_counts = [int((owner == i).sum()) for i in range(len(documents))]
+        else:
+            assert max_document_tokens is not None  # checked above
+            original_counts = count_tokens(
+                target_tokenizer, [d.strip() for d in documents]
+            )  # as kept texts are
+            texts, kept_counts = _fit_target_budget(
+                select, kept_texts, target_tokenizer, max_document_tokens, protected, length
+            )
         # A document ranks by its best token, as the selection does.
         peaks = [
             float(scores[owner == i].max()) if bool((owner == i).any()) else 0.0
             for i in range(len(documents))
         ]
         top = max(peaks) or 1.0
-        results = []
-        for i in range(len(documents)):
-            doc_kept = kept[kept_owner == i].tolist()
-            results.append(
-                DocumentCompression(
-                    index=i,
-                    text=text_from_spans(text, offsets, doc_kept).strip(),
-                    score=peaks[i] / top,
-                    original_tokens=int((owner == i).sum()),
-                    kept_tokens=len(doc_kept),
-                )
+        return [
+            DocumentCompression(
+                index=i,
+                text=texts[i],
+                score=peaks[i] / top,
+                original_tokens=original_counts[i],
+                kept_tokens=kept_counts[i],
             )
-        return results
+            for i in range(len(documents))
+        ]
 
     def _document_prompt(
         self, query: str, documents: Sequence[str], instruction: str
@@ -436,6 +471,47 @@ class SpecPC:
                 "the draft's chat template rewrites message text; cannot locate documents."
             )
         return text, [(s + shift, e + shift) for s, e in spans_in_body], content
+
+
+def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text in ``tokenizer`` as content (no BOS/EOS added); ``""`` counts 0."""
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return [len(row) if text else 0 for row, text in zip(ids, texts, strict=True)]
+
+
+def _fit_target_budget(
+    select: Callable[[int], torch.Tensor],
+    kept_texts: Callable[[torch.Tensor], list[str]],
+    tokenizer: Any,
+    budget: int,
+    low: int,
+    high: int,
+) -> tuple[list[str], list[int]]:
+    """The documents' kept texts and their ``tokenizer`` counts at the largest draft capacity in
+    ``[low, high]`` whose texts hold at most ``budget`` tokens of ``tokenizer`` together.
+
+    ``select(c)`` keeps the first ``c`` positions of one priority order, so a larger capacity
+    keeps a superset and the count grows with it (up to how runs re-tokenise where they join):
+    a bisection over capacities finds the largest that fits, and only fitting capacities are
+    ever returned. ``select(low)`` keeps no document token.
+    """
+    texts = kept_texts(select(high))
+    counts = count_tokens(tokenizer, texts)
+    if sum(counts) <= budget:
+        return texts, counts
+    best_texts, best_counts = kept_texts(select(low)), [0] * len(texts)
+    high -= 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        texts = kept_texts(select(middle))
+        counts = count_tokens(tokenizer, texts)
+        if sum(counts) <= budget:
+            low, best_texts, best_counts = middle, texts, counts
+        else:
+            high = middle - 1
+    return best_texts, best_counts
 
 
 def _tokens_within(offsets: Sequence[tuple[int, int]], start: int, end: int) -> torch.Tensor:

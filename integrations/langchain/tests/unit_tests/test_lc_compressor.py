@@ -292,3 +292,42 @@ def test_max_input_tokens_refuses_too_many_documents_and_the_next_call_works(
     assert bounded.compress_documents(one, QUERY) == compressor.compress_documents(one, QUERY)
     specpc = SpecPC(draft, tokenizer, SpecPCConfig(**SMALL), max_input_tokens=300)
     assert SpecPCCompressor(specpc=specpc).max_input_tokens == 300  # unset: the specpc's own
+
+
+# -- budgets in a served model's tokenizer ------------------------------------------------------
+
+
+def test_target_tokenizer_by_path_budgets_in_the_served_models_tokens(
+    draft: Any, tokenizer: Any, tmp_path: Any
+) -> None:
+    from spec_rag.specpc import count_tokens
+    from spec_rag.testing import tiny_tokenizer
+
+    served = tiny_tokenizer(2000)  # another vocabulary than the draft's
+    served.save_pretrained(tmp_path / "served")
+    budget = 150
+    compressor = SpecPCCompressor(
+        draft_model=draft,
+        draft_tokenizer=tokenizer,
+        max_capacity_prompt=budget,
+        target_tokenizer=str(tmp_path / "served"),
+        **SMALL,
+    )
+    out = compressor.compress_documents(_documents(), QUERY)
+    counts = count_tokens(served, [d.page_content for d in out])
+    assert budget - 4 <= sum(counts) <= budget
+    assert [d.metadata["spec_rag"]["kept_tokens"] for d in out] == counts
+    # The same budget in the draft's tokens sends the served model far fewer tokens.
+    plain = SpecPCCompressor(
+        draft_model=draft, draft_tokenizer=tokenizer, max_capacity_prompt=budget, **SMALL
+    )
+    assert sum(
+        count_tokens(served, [d.page_content for d in plain.compress_documents(_documents(), QUERY)])
+    ) < (0.8 * budget)
+
+
+def test_a_missing_target_tokenizer_path_fails_at_construction() -> None:
+    with pytest.raises(ModelNotFoundError, match="No such file or directory"):
+        SpecPCCompressor(draft="smollm2-135m-instruct", target_tokenizer="./no/such/tokenizer")
+    with pytest.raises(ValueError, match="target_tokenizer must be a model name or path, or a tokenizer"):
+        SpecPCCompressor(draft="smollm2-135m-instruct", target_tokenizer=42)

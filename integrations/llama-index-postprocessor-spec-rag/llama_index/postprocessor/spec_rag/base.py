@@ -45,7 +45,11 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
     - ``specpc=SpecPC(...)``: a ready compressor (config fields passed here override its config).
 
     ``max_capacity_prompt`` counts the nodes' tokens: all nodes together keep that many, shared
-    by relevance; the instruction, node headers and question are kept on top of it. The other
+    by relevance; the instruction, node headers and question are kept on top of it. It counts
+    in the draft's tokenizer unless ``target_tokenizer`` names the served model's (a model name
+    or path that ``spec_rag.models.load_tokenizer`` loads offline, or a tokenizer object): then
+    a budget of 1024 sends at most 1024 node tokens to the served model, and the token counts in
+    the metadata are its tokens. The other
     config fields are :class:`spec_rag.SpecPCConfig`'s; ``None`` keeps the default, except
     ``kernel_size`` and ``neighbor_tokens``, which default to 16 to suit text-splitter chunks of
     about 200 tokens (for nodes of thousands of tokens the paper's 64 keeps passages together).
@@ -97,6 +101,7 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
         draft_model: Any = None,
         draft_tokenizer: Any = None,
         specpc: SpecPC | None = None,
+        target_tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
         if specpc is not None:
@@ -112,6 +117,7 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
             dtype=self.dtype,
             device=self.device,
             max_input_tokens=ceiling(self),
+            target_tokenizer=target_tokenizer,
         )
         self.draft, self.max_input_tokens = source.draft, source.max_input_tokens
         self._core = DocumentCompressor(source)
