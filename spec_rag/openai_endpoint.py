@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ class EndpointAnswer:
 
 
 def answer_through_endpoint(
-    prompt: str,
+    prompt: str | Sequence[Mapping[str, str]],
     *,
     base_url: str,
     model: str,
@@ -41,7 +42,8 @@ def answer_through_endpoint(
     """Send ``prompt`` as one user message to ``{base_url}/chat/completions`` and return the answer.
 
     Args:
-        prompt: the whole user message (for SpecPC: the compressed documents and the question).
+        prompt: the whole user message (for SpecPC: the compressed documents and the question),
+            or the chat messages (``{"role": ..., "content": ...}``) to send as they are.
         base_url: the server's OpenAI-compatible root, e.g. ``"http://localhost:8000/v1"``.
         model: the name the server serves the model under.
         api_key: defaults to ``$OPENAI_API_KEY``, else ``"EMPTY"`` (what local servers accept).
@@ -49,10 +51,14 @@ def answer_through_endpoint(
             and ``timeout_s`` are then ignored).
 
     Raises:
-        InvalidInputError: an empty prompt or model name, or ``max_tokens`` < 1.
+        InvalidInputError: an empty prompt (or no messages) or model name, or ``max_tokens`` < 1.
         SpecRagError: ``openai`` is not installed, or the server reported no token usage.
     """
-    if not prompt.strip():
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    if not any(m["content"].strip() for m in messages):
         raise InvalidInputError("the prompt is empty: pass the text the served model should answer.")
     if not model.strip():
         raise InvalidInputError(f"model is empty: pass the name the server serves (GET {base_url}/models).")
@@ -70,7 +76,7 @@ def answer_through_endpoint(
     start = time.perf_counter()
     reply = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": prompt}],
+        messages=messages,
         max_tokens=max_tokens,
         temperature=temperature,
     )

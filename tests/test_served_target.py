@@ -124,6 +124,50 @@ def test_benchmark_prints_what_the_server_reported(server, capsys) -> None:
     assert float(specpc[4]) > 0 == float(full[4])  # only the compressed run pays for the draft
 
 
+def test_bench_answers_through_the_endpoint_and_records_what_the_server_read(server, tmp_path) -> None:
+    from spec_rag.bench.__main__ import main as bench
+    from spec_rag.bench.records import SAMPLES_FILE, read_jsonl
+
+    base_url, model = server
+    argv = ["accuracy", "--endpoint-model", model, "--target", model, "--draft", SMOLLM2, "--quiet"]
+    # rag_qa: several documents with headers, some of which SpecPC may drop whole.
+    argv += ["--tasks", "rag_qa", "--lengths", "800", "--samples", "1", "--prompt-budgets", "400"]
+    argv += ["--max-new-tokens", "4", "--out", str(tmp_path)]
+    assert bench([*argv, "--endpoint", base_url]) == 0
+    records = read_jsonl(tmp_path / SAMPLES_FILE)
+    assert sorted((r["method"], r["budget"] or 0) for r in records) == [("full", 0), ("specpc", 400)]
+    for r in records:
+        stats = r["stats"]
+        assert r["target"] == f"{model} (served)" and r["score"] in (0.0, 1.0, 0.5)
+        assert 0 < stats["completion_tokens"] <= 4 and stats["request_s"] > 0
+        assert stats["total_s"] == pytest.approx(stats["request_s"] + stats["draft_s"])
+        if r["method"] == "full":
+            # The local count of the sample's chat is what the server reports reading.
+            assert stats["served_prompt_tokens"] == stats["prompt_tokens"] >= 600
+            assert stats["draft_s"] == 0
+        else:
+            # The budget counts the prompt the server reads: at most 400, near it (headers of
+            # documents dropped whole, and how kept runs re-join, may leave a little unused).
+            assert 360 <= stats["served_prompt_tokens"] <= 400, stats
+            assert stats["draft_s"] > 0 and not stats["same_as_full"]
+            assert stats["served_prompt_tokens"] == stats["kept_tokens"]  # counted here as there
+    assert f"{model} (served)" in (tmp_path / "results.md").read_text()
+    # A rerun finds every answer recorded and asks the server nothing (this URL answers nothing).
+    assert bench([*argv, "--endpoint", "http://127.0.0.1:9/v1"]) == 0
+    assert len(read_jsonl(tmp_path / SAMPLES_FILE)) == 2
+
+
+def test_bench_through_an_endpoint_refuses_methods_a_server_cannot_run(tmp_path, capsys) -> None:
+    from spec_rag.bench.__main__ import main as bench
+
+    base = ["accuracy", "--endpoint", "http://127.0.0.1:9/v1", "--out", str(tmp_path), "--quiet"]
+    assert bench([*base, "--endpoint-model", "m", "--methods", "full", "speckv"]) == 1
+    assert "only full and specpc run" in capsys.readouterr().err
+    assert bench(base) == 1
+    assert "--endpoint needs --endpoint-model" in capsys.readouterr().err
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
 def _kernel_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A "python3" kernel spec for this very interpreter, found first on JUPYTER_PATH."""
     import json

@@ -12,6 +12,7 @@ from spec_rag._commands import BENCH_HELP, run_command
 from spec_rag.bench.methods import METHOD_NAMES
 from spec_rag.bench.runner import DEFAULT_KV_BUDGETS, DEFAULT_PROMPT_BUDGETS, Models, iter_budgets
 from spec_rag.bench.tasks import TASKS
+from spec_rag.errors import InvalidInputError
 
 DEFAULT_OUT = "bench-results"
 
@@ -48,10 +49,16 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     _set_threads(args)
     kv = args.budgets or args.kv_budgets
     prompt = args.budgets or args.prompt_budgets
+    if args.endpoint_model and not args.endpoint:
+        raise InvalidInputError(
+            "--endpoint-model goes with --endpoint URL (the server's OpenAI-compatible root)."
+        )
+    if args.endpoint:
+        return _accuracy_through_endpoint(args, list(iter_budgets(prompt)))
     path = run_accuracy(
         tasks=args.tasks,
         lengths=args.lengths,
-        methods=args.methods,
+        methods=args.methods or list(METHOD_NAMES),
         samples=args.samples,
         seed=args.seed,
         models=_models(args),
@@ -59,6 +66,32 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         kv_budgets=list(iter_budgets(kv)),
         prompt_budgets=list(iter_budgets(prompt)),
         harness_options=_harness_options(args),
+        progress=not args.quiet,
+    )
+    print(f"answers: {path}\nreport:  {path.parent / 'results.md'}")
+    return 0
+
+
+def _accuracy_through_endpoint(args: argparse.Namespace, prompt_budgets: list[int]) -> int:
+    from spec_rag.bench.endpoint import ENDPOINT_METHODS, Endpoint, run_endpoint_accuracy
+
+    if not args.endpoint_model:
+        raise InvalidInputError(
+            f"--endpoint needs --endpoint-model, the name the server serves (GET {args.endpoint}/models)."
+        )
+    specpc = _harness_options(args)["specpc"]
+    path = run_endpoint_accuracy(
+        tasks=args.tasks,
+        lengths=args.lengths,
+        samples=args.samples,
+        seed=args.seed,
+        models=_models(args),
+        endpoint=Endpoint(args.endpoint, args.endpoint_model, api_key=args.api_key),
+        out_dir=args.out,
+        methods=args.methods or list(ENDPOINT_METHODS),
+        prompt_budgets=prompt_budgets,
+        specpc=specpc,
+        max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
     )
     print(f"answers: {path}\nreport:  {path.parent / 'results.md'}")
@@ -169,7 +202,12 @@ def _add_commands(bench: argparse.ArgumentParser, common: argparse.ArgumentParse
     accuracy.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), metavar="TASK")
     accuracy.add_argument("--lengths", nargs="+", type=int, default=[2048], help="prompt lengths in tokens")
     accuracy.add_argument(
-        "--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES), metavar="METHOD"
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(METHOD_NAMES),
+        metavar="METHOD",
+        help="default: all of them; with --endpoint: full and specpc (the only two a server can run)",
     )
     accuracy.add_argument("--samples", type=int, default=3, help="samples per task and length (default 3)")
     accuracy.add_argument(
@@ -177,6 +215,20 @@ def _add_commands(bench: argparse.ArgumentParser, common: argparse.ArgumentParse
     )
     accuracy.add_argument("--kv-budgets", nargs="+", type=int, default=list(DEFAULT_KV_BUDGETS))
     accuracy.add_argument("--prompt-budgets", nargs="+", type=int, default=list(DEFAULT_PROMPT_BUDGETS))
+    accuracy.add_argument(
+        "--endpoint",
+        default=None,
+        metavar="URL",
+        help="answer through this OpenAI-compatible server (e.g. http://localhost:8000/v1): the draft "
+        "compresses here, the server answers; --target then names the served model's tokenizer, which "
+        "sizes the samples and counts the budgets (prompt tokens the server reads)",
+    )
+    accuracy.add_argument(
+        "--endpoint-model", default=None, metavar="NAME", help="the name the server serves the model under"
+    )
+    accuracy.add_argument(
+        "--api-key", default=None, help="the endpoint's API key (default: $OPENAI_API_KEY, else EMPTY)"
+    )
     _common(accuracy)
     accuracy.set_defaults(func=cmd_accuracy)
 
