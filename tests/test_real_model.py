@@ -58,3 +58,24 @@ def test_streamingllm_at_256_entries_loses_the_needle(smollm2, needle_chat):
     """The task is hard enough that keeping the wrong 256 entries fails: the other tests mean something."""
     gen = _answer(smollm2, StreamingLLMConfig(max_capacity_prompt=256), needle_chat)
     assert "7319" not in gen.text
+
+
+def test_documents_budgeted_in_a_served_qwen_tokenizer_with_a_smollm2_draft(smollm2):
+    """SmolLM2 (49k vocabulary) scores, Qwen's tokenizer (151k), named as an adapter names it,
+    counts: the budget is Qwen's."""
+    from spec_rag.adapters import DocumentCompressor, draft_source
+    from spec_rag.models import load_tokenizer
+    from spec_rag.retrieval import python_reference_sections
+    from spec_rag.specpc import count_tokens
+
+    model, tokenizer = smollm2
+    source = draft_source(
+        "test", draft_model=model, draft_tokenizer=tokenizer, target_tokenizer="qwen2.5-coder-1.5b-instruct"
+    )
+    texts = [s.text[:1500] for s in python_reference_sections()[:4]]
+    parts = DocumentCompressor(source).compress("What does the assert statement do?", texts, budget=256)
+    qwen = load_tokenizer("qwen2.5-coder-1.5b-instruct")
+    served = count_tokens(qwen, [p.text for p in parts])
+    assert 250 <= sum(served) <= 256
+    assert [p.kept_tokens for p in parts] == served
+    assert [p.original_tokens for p in parts] == count_tokens(qwen, [t.strip() for t in texts])
