@@ -50,7 +50,10 @@ ADD = {  # a bare tool, as some callers write them
     "description": "Add two numbers.",
     "parameters": {
         "type": "object",
-        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": -9, "maximum": 9}},
+        "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 99},
+            "b": {"type": "integer", "minimum": -9, "maximum": 9},
+        },
         "required": ["a"],
     },
 }
@@ -58,7 +61,7 @@ TOOLS = [SEARCH, ADD]
 PARAMETERS = {"search": SEARCH["function"]["parameters"], "add": ADD["parameters"]}  # type: ignore[index]
 
 KV = SpecKVConfig(max_capacity_prompt=128, window_size=8)
-PC = SpecPCConfig(max_capacity_prompt=480, window_size=16)
+PC = SpecPCConfig(max_capacity_prompt=720, window_size=16)
 CONFIGS = {
     "full": None,
     "snapkv": SnapKVConfig(max_capacity_prompt=128, window_size=8),
@@ -393,7 +396,9 @@ def test_the_standalone_compressor_keeps_tool_structure_and_the_tools(tok, model
 
 
 def test_a_budget_below_the_tool_structure_says_so(tok, models):
-    engine = SpecEngine(models[0], tok, models[1], config=SpecPCConfig(max_capacity_prompt=64, window_size=16))
+    engine = SpecEngine(
+        models[0], tok, models[1], config=SpecPCConfig(max_capacity_prompt=64, window_size=16)
+    )
     with pytest.raises(InvalidInputError, match="tool structure"):
         engine.generate(conversation(), tools=TOOLS, max_new_tokens=4)
 
