@@ -542,7 +542,8 @@ class SpecEngine:
                 break
         content, calls = text.text, list[ToolCall]()
         if tools:
-            content, calls = parse_tool_calls(text.text, self.tokenizer)
+            names = [tool_name(t) for t in structure.tools or []]
+            content, calls = parse_tool_calls(text.text, self.tokenizer, tool_names=names)
             if structure.tool_choice == "none":
                 calls = []
             tail = content[text.emitted :] if content.startswith(text.text[: text.emitted]) else ""

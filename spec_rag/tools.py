@@ -42,6 +42,7 @@ __all__ = [
 HERMES_TAGS = ("<tool_call>\n", "\n</tool_call>")
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _UNCLOSED = re.compile(r"<tool_call>\s*(\{.*\})\s*$", re.DOTALL)
+_FENCED = re.compile(r"^```(?:json)?\s*(\{.*\})\s*```$", re.DOTALL)
 _PROBE_NAME = "spec_rag_probe_tool"
 _PROBE_CONTENT = "spec_rag_probe_result"
 
@@ -215,13 +216,17 @@ def _call_from_json(payload: str) -> ToolCall | None:
     )
 
 
-def parse_tool_calls(text: str, tokenizer: Any = None) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(
+    text: str, tokenizer: Any = None, *, tool_names: Sequence[str] | None = None
+) -> tuple[str, list[ToolCall]]:
     """The content of ``text`` with its tool-call blocks removed, and the calls in order.
 
     Reads the format of ``tokenizer``'s template (Qwen2.5 / Hermes ``<tool_call>`` JSON blocks;
     a template without tags: the whole answer as one JSON call). A block whose JSON does not
     parse, or is not ``{"name": str, "arguments": {...}}``, stays in the content as written. A
     last block the model did not close (it stopped after the JSON) counts when its JSON parses.
+    With ``tool_names``, an answer that is nothing but one such JSON object (bare or in a
+    fenced code block, as small coder models write calls) naming one of those tools is a call too.
     """
     if tokenizer is not None and tool_call_tags(tokenizer) is None and supports_tools(tokenizer):
         call = _call_from_json(text.strip())
@@ -244,6 +249,12 @@ def parse_tool_calls(text: str, tokenizer: Any = None) -> tuple[str, list[ToolCa
             calls.append(call)
             rest = rest[: unclosed.start()]
     kept.append(rest)
+    if not calls and tool_names:
+        stripped = text.strip()
+        fenced = _FENCED.match(stripped)
+        call = _call_from_json(fenced.group(1) if fenced else stripped)
+        if call is not None and call.name in tool_names:
+            return "", [call]
     if not calls:
         return text, []
     return "\n".join(part.strip() for part in kept if part.strip()), calls

@@ -147,6 +147,16 @@ def test_parse_tool_calls_keeps_the_models_id_reads_an_unclosed_last_call_and_pl
     assert parse_tool_calls(truncated) == (truncated, [])
 
 
+def test_a_bare_or_fenced_json_call_counts_only_for_a_tool_that_was_given():
+    fenced = '```json\n{\n  "name": "add",\n  "arguments": {"a": 1}\n}\n```'
+    assert parse_tool_calls(fenced, tool_names=["add"])[1][0].arguments == {"a": 1}
+    assert parse_tool_calls('{"name": "add", "arguments": {}}', tool_names=["add"])[0] == ""
+    assert parse_tool_calls(fenced, tool_names=["search"]) == (fenced, [])  # not one of the tools
+    assert parse_tool_calls(fenced) == (fenced, [])  # no tools given
+    prose = 'Call it like {"name": "add", "arguments": {}} next time.'
+    assert parse_tool_calls(prose, tool_names=["add"]) == (prose, [])
+
+
 # -- rendering ------------------------------------------------------------------------------------
 def test_supports_tools_tells_a_tools_template_from_a_plain_one(tok):
     assert supports_tools(tok)
