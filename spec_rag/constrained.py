@@ -53,6 +53,7 @@ keys in the schema's order.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-__all__ = ["Constraint", "ConstraintState", "tool_call_schema"]
+__all__ = ["Constraint", "ConstraintState", "Guide", "tool_call_schema"]
 
 # Compact, fixed formatting (", " and ": " as json.dumps writes): no free whitespace, so a model
 # cannot stall in an endless run of spaces or newlines, and outputs look like the chat templates'.
@@ -174,11 +175,23 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _lark_literal(tokenizer: Any, text: str) -> str:
-    """``text`` as a Lark terminal: a reference to the special token it names, or a string."""
-    added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
-    if text in added and tokenizer.added_tokens_decoder[added[text]].special:
-        return f"<[{added[text]}]>"
-    return json.dumps(text)
+    """``text`` as a sequence of Lark items: each added token of the tokenizer in it (a special
+    token, or one like Qwen's ``<tool_call>`` that is not special) as a reference to that token,
+    the rest as strings. llguidance reads every added token as one token, never as its letters."""
+    added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items() if token.content}
+    if not added:
+        return json.dumps(text)
+    pattern = re.compile("|".join(re.escape(content) for content in sorted(added, key=len, reverse=True)))
+    items: list[str] = []
+    cursor = 0
+    for match in pattern.finditer(text):
+        if match.start() > cursor:
+            items.append(json.dumps(text[cursor : match.start()]))
+        items.append(f"<[{added[match.group()]}]>")
+        cursor = match.end()
+    if cursor < len(text):
+        items.append(json.dumps(text[cursor:]))
+    return " ".join(items) or json.dumps(text)
 
 
 class Constraint:
@@ -244,8 +257,8 @@ class Constraint:
         """Outputs that call one of ``tools`` (JSON-schema tools, OpenAI's format or bare
         ``{"name", "description", "parameters"}``): ``{"name": ..., "arguments": {...}}`` (see
         :func:`tool_call_schema`), wrapped in ``tags`` when given, e.g.
-        ``("<tool_call>\\n", "\\n</tool_call>")`` as Qwen2.5's template writes calls. A tag that is
-        a special token of the tokenizer is matched as that token. ``strict`` as in
+        ``("<tool_call>\\n", "\\n</tool_call>")`` as Qwen2.5's template writes calls. An added
+        token of the tokenizer inside a tag (special or not) is matched as that token. ``strict`` as in
         :meth:`json_schema`."""
         schema = _closed(tool_call_schema(tools)) if strict else tool_call_schema(tools)
         schema = {**schema, "x-guidance": _JSON_OPTIONS}
@@ -256,6 +269,14 @@ class Constraint:
             lark = f"start: {opening} call {closing}\ncall: %json {json.dumps(schema)}"
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         return cls._cached(tokenizer, grammar, eos_token_ids)
+
+    @classmethod
+    def lark(
+        cls, tokenizer: Any, grammar: str, *, eos_token_ids: int | Sequence[int] | None = None
+    ) -> Constraint:
+        """Outputs of a Lark grammar in llguidance's dialect (``start: ...``; ``%json {...}``
+        embeds a JSON schema, ``<[id]>`` names a token), e.g. ``'start: "Answer: " /[0-9]+/'``."""
+        return cls._cached(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), eos_token_ids)
 
     def new_state(self) -> ConstraintState:
         """A fresh state for one request (a copy of the compiled matcher: microseconds)."""
@@ -310,17 +331,20 @@ class ConstraintState:
 
     def count_accepted(self, token_ids: Sequence[int]) -> int:
         """How many of ``token_ids`` (a drafted continuation) the grammar accepts in a row from
-        here, each where :meth:`mask_logits` would allow it; the state does not move."""
-        consumed = accepted = 0
+        here, each where :meth:`mask_logits` would allow it; the state does not move.
+
+        The tokens are tried on a copy of the matcher (microseconds), not consumed and rolled
+        back: llguidance 1.9 can serve a stale mask after a rollback past a mask it computed."""
+        accepted = 0
+        trial = ConstraintState(self.constraint, self._matcher.deep_copy())
+        trial._allowed, trial._ended = self._allowed, self._ended
         for token in token_ids:
-            if not self.accepts(token):
+            if not trial.accepts(token):
                 break
             accepted += 1
             if int(token) in self.constraint.eos_token_ids:
                 break
-            self._consume(int(token))
-            consumed += 1
-        self.rollback(consumed)
+            trial._consume(int(token))
         return accepted
 
     def advance(self, token_id: int) -> None:
@@ -357,3 +381,65 @@ class ConstraintState:
         """Whether generation must stop: EOS was consumed, or the output is complete and the
         grammar allows nothing more (the caller may then emit EOS or stop)."""
         return self._ended or self._matcher.is_stopped()
+
+
+class Guide:
+    """What a decode loop obeys for one request.
+
+    ``state`` constrains the whole answer (a JSON schema, a forced tool call): the answer ends
+    when its grammar is complete. ``banned`` token ids are never written (a tool call's opening
+    tag under ``tool_choice="none"``). ``trigger`` = ``(token_id, constraint)`` is a lazy grammar:
+    the answer is free until the model writes ``token_id`` (a tool call's opening tag), then the
+    rest of that call follows ``constraint`` (whose grammar starts with that token); once the call
+    is complete the answer is free again.
+    """
+
+    def __init__(
+        self,
+        state: ConstraintState | None = None,
+        banned: Sequence[int] = (),
+        trigger: tuple[int, Constraint] | None = None,
+    ) -> None:
+        self.state = state
+        self.banned = sorted({int(t) for t in banned})
+        self._banned_set = frozenset(self.banned)
+        self.trigger = trigger
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (``[vocab]``) with every forbidden token at -inf."""
+        if self.state is not None:
+            logits = self.state.mask_logits(logits)
+        if self.banned:
+            banned = torch.tensor([t for t in self.banned if t < logits.shape[-1]], dtype=torch.long)
+            logits = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+        return logits
+
+    def count_accepted(self, token_ids: Sequence[int]) -> int:
+        """How many of ``token_ids`` (drafted) may be written in a row from here; nothing moves."""
+        tokens = [int(t) for t in token_ids]
+        for index, token in enumerate(tokens):
+            if token in self._banned_set:
+                tokens = tokens[:index]
+                break
+        if self.state is not None:
+            return self.state.count_accepted(tokens)
+        if self.trigger is None or self.trigger[0] not in tokens:
+            return len(tokens)
+        opening = tokens.index(self.trigger[0])  # free text, then a call under the grammar
+        call = self.trigger[1].new_state()
+        call.advance(tokens[opening])
+        return opening + 1 + call.count_accepted(tokens[opening + 1 :])
+
+    def advance(self, token_id: int) -> None:
+        if self.state is not None:
+            self.state.advance(token_id)
+            if self.trigger is not None and self.state.is_finished:
+                self.state = None  # the call is complete: free again
+        elif self.trigger is not None and int(token_id) == self.trigger[0]:
+            self.state = self.trigger[1].new_state()
+            self.state.advance(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        """The answer's grammar is complete and allows nothing more: stop."""
+        return self.trigger is None and self.state is not None and self.state.is_finished
