@@ -161,8 +161,10 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if not tools:
         raise ValueError("tools is empty; pass at least one tool to call")
     calls = []
-    for tool in tools:
+    definitions: dict[str, Any] = {}
+    for number, tool in enumerate(tools):
         name, parameters = _tool_name_and_parameters(tool)
+        parameters = _hoist_definitions(parameters, f"tool{number}_", definitions)
         calls.append(
             {
                 "type": "object",
@@ -171,7 +173,34 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "additionalProperties": False,
             }
         )
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {**schema, "$defs": definitions} if definitions else schema
+
+
+def _hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` without its ``$defs`` / ``definitions``, which go into ``definitions`` (the
+    call schema's root) under ``prefix`` + their name, with every local ``$ref`` to them rewritten:
+    nested under ``arguments``, a pydantic model's ``#/$defs/...`` references would point nowhere."""
+    local = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    if not local:
+        return parameters
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: rewrite(value) for key, value in node.items()}
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            for root in ("#/$defs/", "#/definitions/"):
+                if ref.startswith(root):
+                    out["$ref"] = "#/$defs/" + prefix + ref.removeprefix(root)
+        return out
+
+    for key, value in local.items():
+        definitions[prefix + key] = rewrite(value)
+    return rewrite({key: value for key, value in parameters.items() if key not in ("$defs", "definitions")})
 
 
 def _lark_literal(tokenizer: Any, text: str) -> str:

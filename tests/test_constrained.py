@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import threading
+from enum import Enum
 from typing import Any, Literal
 
 import jsonschema
@@ -234,6 +235,45 @@ def test_a_tool_call_names_a_tool_and_its_arguments_validate(model, tokenizer, s
     assert set(call) == {"name", "arguments"}
     jsonschema.validate(call["arguments"], parameters[call["name"]])
     jsonschema.validate(call, tool_call_schema([SEARCH, WEATHER]))
+
+
+class Colour(str, Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Size(BaseModel):
+    width: int = Field(ge=0, le=9)
+
+
+class Paint(BaseModel):
+    colour: Colour
+    size: Size
+
+
+class Label(BaseModel):
+    colour: Colour
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tools_whose_parameters_hold_definitions_compile_and_validate(model, tokenizer, seed):
+    # A pydantic model with an enum or a nested model puts them under "$defs" and refers to them
+    # from "#/$defs/..."; nested under "arguments" the references must still resolve, and two
+    # tools' definitions of one name must not collide.
+    tools = [
+        {"name": "paint", "parameters": Paint.model_json_schema()},
+        {"name": "label", "parameters": {**Label.model_json_schema(), "$defs": {"Colour": {"enum": ["green"]}}}},
+    ]
+    schema = tool_call_schema(tools)
+    constraint = Constraint.tool_call(tokenizer, tools)
+    text, ended = decode(model, tokenizer, constraint.new_state(), seed=seed)
+    assert ended
+    call = json.loads(text)
+    jsonschema.validate(call, schema)
+    if call["name"] == "paint":
+        Paint.model_validate(call["arguments"])
+    else:
+        assert call["arguments"]["colour"] == "green"
 
 
 def test_a_tag_that_is_a_special_token_is_matched_as_that_token(model, tokenizer):
