@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
@@ -162,7 +164,13 @@ def measure(method: str, length: int, args: argparse.Namespace) -> dict[str, Any
         "peak_from": "VmHWM" if exact else "sampled",
         "seconds": seconds,
         "score": score_answer(answer.text, sample.answers, sample.metric),
+        "cpu_s": _cpu_seconds(),  # the whole process: loading, warm-up and the request
     }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- the driver: a fresh process per row ---------------------------------------------------------------
@@ -224,7 +232,10 @@ def main() -> None:
     parser.add_argument("--kv-budget", type=int, default=1024, help="cache budget of the KV methods")
     parser.add_argument("--prompt-budget", type=int, default=2048, help="SpecPC's, SpecKV-PC's prompt budget")
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's answer budget")
-    parser.add_argument("--json", help="also write the rows to this file, one JSON object a line")
+    parser.add_argument("--json", help="also append the rows to this file, one JSON object a line")
+    parser.add_argument(
+        "--from-json", nargs="+", metavar="FILE", help="print the table of rows saved by --json; run nothing"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.target is None or args.draft is None:
@@ -235,13 +246,17 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(args.worker[0], int(args.worker[1]), args)), flush=True)
         return
+    if args.from_json:
+        lines = [line for path in args.from_json for line in Path(path).read_text().splitlines()]
+        report([json.loads(line) for line in lines if line.strip()])
+        return
 
     argv = ["--task", args.task, "--seed", str(args.seed), "--target", str(args.target)]
     argv += ["--draft", str(args.draft), "--dtype", args.dtype, "--kv-budget", str(args.kv_budget)]
     argv += ["--prompt-budget", str(args.prompt_budget)]
     if args.max_new_tokens is not None:
         argv += ["--max-new-tokens", str(args.max_new_tokens)]
-    methods = ["full", *[m for m in args.methods if m != "full"]]  # full first: the ratios' reference
+    methods = sorted(args.methods, key=lambda m: m != "full")  # full first: the ratios' reference
     rows: list[dict[str, Any]] = []
     for length in args.lengths:
         for method in methods:
@@ -249,13 +264,18 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{method} @ {length}: working {row['working'] / MIB:.0f} MiB, peak RSS "
-                f"{row['peak_rss'] / MIB:.0f} MiB ({row['peak_from']}), {row['seconds']:.1f} s",
+                f"{row['peak_rss'] / MIB:.0f} MiB ({row['peak_from']}), {row['seconds']:.1f} s, "
+                f"process CPU {row['cpu_s']:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
+    report(rows)
+
+
+def report(rows: list[dict[str, Any]]) -> None:
     print(table(rows))
     print()
     for method, length in below_full(rows).items():
