@@ -20,6 +20,14 @@ the request by writing ``5`` to ``/proc/self/clear_refs``: it sees every page th
 had resident, however short-lived, which sampling can miss. Where that file is not writable,
 a thread samples RSS every millisecond instead (a lower bound); the ``peak from`` column says
 which was used.
+
+The workers run with glibc's mmap threshold fixed (``--mmap-threshold``, default 128 KiB, through
+``MALLOC_MMAP_THRESHOLD_``), so every tensor of 128 KiB or more gets pages of its own, returned
+to the system when the tensor is freed: the peak then counts the tensors alive at once. With
+glibc's default the threshold rises after each large free, up to 32 MiB, and blocks below it stay
+in the heap once freed; the same request's peak then depends on the order of allocations (the
+same full request on SmolLM2 at 4k measured 161 and 274 MiB in two fresh processes, 133 MiB
+with the threshold fixed). ``--mmap-threshold 0`` keeps glibc's default.
 """
 
 from __future__ import annotations
@@ -174,13 +182,19 @@ def _cpu_seconds() -> float:
 
 
 # -- the driver: a fresh process per row ---------------------------------------------------------------
-def run_fresh(method: str, length: int, argv: list[str]) -> dict[str, Any]:
-    """:func:`measure` in a new Python process; its last output line is the row as JSON."""
+def run_fresh(method: str, length: int, argv: list[str], mmap_threshold: int = 0) -> dict[str, Any]:
+    """:func:`measure` in a new Python process; its last output line is the row as JSON.
+    ``mmap_threshold`` (bytes, 0: glibc's default) is the worker's ``MALLOC_MMAP_THRESHOLD_``."""
     command = [sys.executable, os.path.abspath(__file__), *argv, "--worker", method, str(length)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{method} at {length} failed:\n{done.stderr[-4000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    row = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    row["mmap_threshold"] = mmap_threshold
+    return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -232,6 +246,9 @@ def main() -> None:
     parser.add_argument("--kv-budget", type=int, default=1024, help="cache budget of the KV methods")
     parser.add_argument("--prompt-budget", type=int, default=2048, help="SpecPC's, SpecKV-PC's prompt budget")
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's answer budget")
+    parser.add_argument(
+        "--mmap-threshold", type=int, default=128 * 1024, help="workers' glibc mmap threshold (0: default)"
+    )
     parser.add_argument("--json", help="also append the rows to this file, one JSON object a line")
     parser.add_argument(
         "--from-json", nargs="+", metavar="FILE", help="print the table of rows saved by --json; run nothing"
@@ -260,7 +277,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for length in args.lengths:
         for method in methods:
-            row = run_fresh(method, length, argv)
+            row = run_fresh(method, length, argv, args.mmap_threshold)
             rows.append(row)
             print(
                 f"{method} @ {length}: working {row['working'] / MIB:.0f} MiB, peak RSS "
