@@ -255,6 +255,10 @@ def main() -> None:
     )
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.from_json:
+        lines = [line for path in args.from_json for line in Path(path).read_text().splitlines()]
+        report([json.loads(line) for line in lines if line.strip()])
+        return
     if args.target is None or args.draft is None:
         from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -262,10 +266,6 @@ def main() -> None:
         args.draft = args.draft or DEFAULT_DRAFT
     if args.worker:
         print(json.dumps(measure(args.worker[0], int(args.worker[1]), args)), flush=True)
-        return
-    if args.from_json:
-        lines = [line for path in args.from_json for line in Path(path).read_text().splitlines()]
-        report([json.loads(line) for line in lines if line.strip()])
         return
 
     argv = ["--task", args.task, "--seed", str(args.seed), "--target", str(args.target)]
