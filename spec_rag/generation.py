@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
+import types
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -113,6 +116,55 @@ def _cache_argument(model_class: Any) -> str:
     return name
 
 
+#: A forward over more tokens than this runs each layer's feed-forward block this many tokens at
+#: a time: its ``[tokens, intermediate]`` activations are the largest tensors of a long prefill.
+FFN_CHUNK_TOKENS = 1024
+_FFN_CHUNK: ContextVar[int | None] = ContextVar("spec_rag_ffn_chunk", default=None)
+_FFN_FLAG = "_spec_rag_chunked_ffn"
+_ffn_lock = threading.Lock()
+
+
+def _chunked_ffn(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``block``'s own forward of ``hidden`` (``[b, q, hidden]``), ``chunk`` tokens at a time
+    inside :func:`forward`.
+
+    The gated feed-forward (``down(act(gate(x)) * up(x))``) treats every token on its own, so
+    the rows come out as one call would give them; only the ``[q, intermediate]`` temporaries
+    shrink to ``[chunk, intermediate]``. Outside :func:`forward` it is the class's forward.
+    """
+    original = type(block).forward
+    chunk = _FFN_CHUNK.get()
+    if chunk is None or hidden.dim() != 3 or hidden.shape[1] <= chunk:
+        return original(block, hidden)
+    return torch.cat([original(block, part) for part in hidden.split(chunk, dim=1)], dim=1)  # [b, q, hidden]
+
+
+def chunk_feed_forward(model: Any) -> bool:
+    """Let this model instance's feed-forward blocks run in token chunks during :func:`forward`.
+
+    Only gated MLPs (``gate_proj``, ``up_proj``, ``down_proj``: Llama, Qwen2/3, Mistral, SmolLM2)
+    whose ``forward`` nobody else has replaced (e.g. offloading hooks) are wrapped, through the
+    instance's own ``forward`` attribute, so parameter names, other instances and calls outside
+    :func:`forward` are unchanged. Idempotent; returns whether any block was wrapped.
+    """
+    done = getattr(model, _FFN_FLAG, None)
+    if done is None:
+        with _ffn_lock:
+            done = getattr(model, _FFN_FLAG, None)
+            if done is None:
+                done = False
+                for block in model.modules():
+                    gated = all(
+                        isinstance(getattr(block, name, None), torch.nn.Linear)
+                        for name in ("gate_proj", "up_proj", "down_proj")
+                    )
+                    if gated and "forward" not in vars(block):
+                        block.forward = types.MethodType(_chunked_ffn, block)
+                        done = True
+                setattr(model, _FFN_FLAG, done)
+    return bool(done)
+
+
 @torch.inference_mode()
 def forward(
     model: Any,
@@ -127,6 +179,8 @@ def forward(
 
     Returns the logits of the last ``logits_to_keep`` positions, ``[logits_to_keep, vocab]``.
     ``position_start`` overrides the RoPE position of the first token (default: cache length).
+    More than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks of that many
+    (see :func:`chunk_feed_forward`), which bounds a long prefill's largest activations.
     """
     kwargs: dict[str, Any] = {}
     if position_start is not None:
@@ -135,12 +189,18 @@ def forward(
     if recorder is not None:
         kwargs[RECORDER_KWARG] = recorder
     kwargs[_cache_argument(type(model))] = cache
-    out = model(
-        input_ids=input_ids.to(model.device),
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-        **kwargs,
-    )
+    chunked = input_ids.shape[1] > FFN_CHUNK_TOKENS and chunk_feed_forward(model)
+    token = _FFN_CHUNK.set(FFN_CHUNK_TOKENS) if chunked else None
+    try:
+        out = model(
+            input_ids=input_ids.to(model.device),
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+    finally:
+        if token is not None:
+            _FFN_CHUNK.reset(token)
     return out.logits[0].float()  # [logits_to_keep, vocab]
 
 

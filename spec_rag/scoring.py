@@ -227,6 +227,19 @@ class HeadScoreRecorder(WindowRecorder):
         self.per_layer[layer] = scores if previous is None else torch.maximum(previous, scores)
 
 
+class LayerHook(WindowRecorder):
+    """Scores nothing: calls ``on_layer(layer, None)`` once per layer of a forward pass, when the
+    layer's cache already holds the pass's keys and values (StreamingLLM cuts it there)."""
+
+    def __init__(self, on_layer: Callable[[int, torch.Tensor | None], None] | None = None) -> None:
+        super().__init__(0, 0)
+        self.on_layer = on_layer
+
+    def observe(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
+        if self.on_layer is not None:
+            self.on_layer(int(getattr(module, "layer_idx", 0)), None)
+
+
 def pool_scores(scores: torch.Tensor, kernel_size: int, pool_type: str) -> torch.Tensor:
     """Centred 1-D pool over the last dimension, stride 1, same length out as in."""
     if kernel_size <= 1:

@@ -34,7 +34,7 @@ from spec_rag.generation import (
     keep_layer_positions,
     new_cache,
 )
-from spec_rag.scoring import HeadScoreRecorder
+from spec_rag.scoring import HeadScoreRecorder, LayerHook
 from spec_rag.selection import select_kv_positions
 
 
@@ -211,9 +211,15 @@ class CacheMethod(Method):
     :meth:`positions` to keep positions chosen otherwise.
     """
 
-    def recorder(self, length: int) -> HeadScoreRecorder | None:
-        """What records the scores during the prefill (``None``: nothing is scored)."""
+    def recorder(self, length: int) -> HeadScoreRecorder | LayerHook | None:
+        """What records the scores during the prefill (``None``: nothing is scored; a
+        :class:`LayerHook` scores nothing but lets a one-budget prefill cut each layer)."""
         return None
+
+    def cuts_in_forward(self) -> bool:
+        """Whether :meth:`cut_layer` keeps what :meth:`positions` would (so a one-budget prefill
+        may cut each layer inside the forward); true unless a subclass picks positions otherwise."""
+        return type(self).positions is CacheMethod.positions
 
     def write_lookahead(self, request: Request, ids: torch.Tensor) -> list[int]:
         """Target ids appended to the prompt in the scoring prefill (their queries count)."""
@@ -242,7 +248,7 @@ class CacheMethod(Method):
         full_ids = torch.cat([ids, torch.tensor(lookahead, dtype=torch.long)])  # [L + n]
         cache = new_cache(self.models.target)
         # One budget to serve: cut each layer inside the forward, as soon as its scores are known.
-        cut = budget if recorder is not None and type(self).positions is CacheMethod.positions else None
+        cut = budget if recorder is not None and self.cuts_in_forward() else None
         if cut is not None:
             assert recorder is not None
             recorder.on_layer = partial(self.cut_layer, cache, length, cut)
@@ -256,6 +262,8 @@ class CacheMethod(Method):
         verified_logits = rows[accepted].clone() if accepted else logits
         del rows
         stats.target_prefill_s += time.perf_counter() - t0
+        recorded = isinstance(recorder, HeadScoreRecorder) and cut is None
+        head_scores = recorder.per_layer if recorded else None  # type: ignore[union-attr]
         return ScoredCache(
             method=self.name,
             stats=replace(stats),
@@ -265,14 +273,17 @@ class CacheMethod(Method):
             logits=logits,
             accepted=accepted,
             verified_logits=verified_logits,
-            head_scores=None if recorder is None or cut is not None else recorder.per_layer,
+            head_scores=head_scores,
             window=self.window(length),
             cut=cut,
         )
 
-    def cut_layer(self, cache: Any, length: int, budget: int, layer: int, scores: torch.Tensor) -> None:
+    def cut_layer(
+        self, cache: Any, length: int, budget: int, layer: int, scores: torch.Tensor | None
+    ) -> None:
         """Keep ``budget`` prompt entries per head of ``layer``'s cache (chosen from its ``[kv_heads,
         L]`` ``scores``) and every lookahead entry after them."""
+        assert scores is not None
         kept = select_kv_positions(
             scores,
             length,

@@ -1,0 +1,111 @@
+"""What keeps a request's working memory low: the feed-forward of a long forward runs in token
+chunks with the same results, StreamingLLM cuts each layer inside its prefill, and the
+working-memory benchmark (benchmarks/working_memory.py) measures what these save."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tiny_models import _tokenizer, tiny_model
+
+import spec_rag.generation as generation
+import spec_rag.methods.streamingllm as streaming_module
+from spec_rag import SpecEngine, StreamingLLMConfig
+from spec_rag.generation import forward, new_cache
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _gate_rows(model) -> list[int]:
+    """Tokens each call of the first layer's ``gate_proj`` saw."""
+    rows: list[int] = []
+    gate = model.model.layers[0].mlp.gate_proj
+    gate.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    return rows
+
+
+def test_a_long_forward_runs_the_feed_forward_in_chunks_with_the_same_logits_and_cache(
+    tokenizer, monkeypatch
+):
+    model = tiny_model("qwen2", tokenizer, seed=3, layers=2)
+    ids = torch.randint(3, len(tokenizer), (1, 300))
+    whole_cache = new_cache(model)
+    whole = forward(model, ids, whole_cache, logits_to_keep=300)  # 300 <= 1024: one call per block
+    rows = _gate_rows(model)
+    assert rows == []
+    monkeypatch.setattr(generation, "FFN_CHUNK_TOKENS", 64)
+    chunked_cache = new_cache(model)
+    chunked = forward(model, ids, chunked_cache, logits_to_keep=300)
+    assert rows == [64, 64, 64, 64, 44]  # each block saw at most 64 tokens at a time
+    assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert (chunked.argmax(-1) == whole.argmax(-1)).all()
+    for a, b in zip(chunked_cache.layers, whole_cache.layers, strict=True):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    rows.clear()
+    with torch.inference_mode():
+        model(input_ids=ids)  # a call of the model itself is not chunked
+    assert rows == [300]
+
+
+def test_streamingllm_cuts_each_layer_inside_its_prefill(tokenizer, long_text, monkeypatch):
+    model = tiny_model("qwen2", tokenizer, seed=1, layers=3)
+    engine = SpecEngine(model, tokenizer, config=StreamingLLMConfig(max_capacity_prompt=32))
+    seen: list[list[int]] = []  # per cut: every layer's cache length at that moment
+    original = streaming_module.StreamingLLM.cut_layer
+
+    def spy(self, cache, length, budget, layer, scores):
+        written = cache.layers[: layer + 1]  # the later layers have not run yet
+        seen.append([int(entry.keys.shape[2]) for entry in written])
+        original(self, cache, length, budget, layer, scores)
+
+    monkeypatch.setattr(streaming_module.StreamingLLM, "cut_layer", spy)
+    text = long_text[:700]
+    answer = engine.generate(text, max_new_tokens=6)
+    length = answer.stats.prompt_tokens
+    assert length > 32
+    assert len(seen) == 3
+    for layer, lengths in enumerate(seen):
+        assert lengths[:layer] == [32] * layer  # the layers before were already cut
+        assert lengths[layer] == length  # this one holds the whole prompt until its cut
+    assert answer.stats.kv_cache_tokens == 32
+    # The same answer as cutting one whole-prompt cache afterwards (a scoring for every budget).
+    scored = SpecEngine(model, tokenizer).score(text, max_new_tokens=6)
+    assert engine.generate_from(scored, max_new_tokens=6).token_ids == answer.token_ids
+
+
+def test_working_memory_benchmark_reports_a_prompt_cut_below_full(tmp_path, monkeypatch, capsys):
+    tokenizer = _tokenizer(512)
+    target_dir, draft_dir = tmp_path / "target", tmp_path / "draft"
+    # A wide feed-forward makes the target's prefill activations dominate its working memory.
+    target = tiny_model("qwen2", tokenizer, seed=1, layers=2, intermediate_size=8192)
+    draft = tiny_model("qwen2", tokenizer, seed=2, layers=2)
+    for model, directory in ((target, target_dir), (draft, draft_dir)):
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("working_memory")
+    argv = ["--target", str(target_dir), "--draft", str(draft_dir), "--dtype", "float32", "--lengths", "1600"]
+    argv += ["--methods", "full", "specpc", "--prompt-budget", "256", "--max-new-tokens", "2"]
+    argv += ["--json", str(tmp_path / "rows.jsonl")]
+    monkeypatch.setattr(sys, "argv", ["working_memory.py", *argv])
+    module.main()
+    out = capsys.readouterr().out
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    rows = {r["method"]: r for r in map(json.loads, lines)}
+    full, specpc = rows["full"], rows["specpc"]
+    assert full["draft_weights"] == 0  # full loads no draft
+    assert full["target_weights"] == specpc["target_weights"] == module.weight_bytes(target)
+    assert specpc["draft_weights"] == module.weight_bytes(draft)
+    for row in (full, specpc):
+        assert row["working"] > 0 and row["peak_rss"] == row["base_rss"] + row["working"]
+        assert row["base_rss"] > row["target_weights"] + row["draft_weights"]
+    assert specpc["target_prefill_tokens"] <= 256 < full["target_prefill_tokens"]
+    # Full's prefill holds [1024, 8192] float32 feed-forward activations (32 MiB each); SpecPC's
+    # target sees 256 tokens and its draft is narrow.
+    assert full["working"] > 48 * 2**20
+    assert specpc["working"] < 0.6 * full["working"]
+    assert "| full | 1600 |" in out and "| 1.00 |" in out and "| specpc | 1600 |" in out
