@@ -108,8 +108,8 @@ class SpecPCConfig(_Config):
             prompt followed by its last ``window_size`` tokens (the question), and selected
             once over the whole prompt; a prompt that fits is scored whole. Clamped to the
             draft's window; lower it to bound the draft's working memory.
-        chunk_overlap: prompt tokens two neighbouring chunks share, so a passage cut by a
-            chunk boundary is read whole by one of them.
+        chunk_overlap: prompt tokens two neighbouring chunks share (at most half a chunk's
+            slice), so a passage cut by a chunk boundary is read whole by one of them.
     """
 
     max_capacity_prompt: Annotated[int, Field(gt=0)] = 1024
@@ -133,13 +133,13 @@ class SpecPCConfig(_Config):
                 f"({self.max_capacity_prompt}): the last window_size tokens are always kept, so the "
                 "budget must hold them. Raise max_capacity_prompt or lower window_size."
             )
-        fixed = self.window_size + self.lookahead_tokens + CHUNK_SINK_TOKENS + self.chunk_overlap
+        fixed = self.window_size + self.lookahead_tokens + CHUNK_SINK_TOKENS
         if self.chunk_size is not None and self.chunk_size <= fixed:
             raise ValueError(
-                f"chunk_size ({self.chunk_size}) leaves no new prompt tokens per chunk: each chunk also "
-                f"holds the window ({self.window_size}), the lookahead ({self.lookahead_tokens}), "
-                f"{CHUNK_SINK_TOKENS} sink tokens and the overlap ({self.chunk_overlap}). Raise "
-                f"chunk_size above {fixed} (a few thousand tokens is typical) or lower chunk_overlap."
+                f"chunk_size ({self.chunk_size}) leaves no room for prompt tokens: each chunk also "
+                f"holds the window ({self.window_size}), the lookahead ({self.lookahead_tokens}) and "
+                f"{CHUNK_SINK_TOKENS} sink tokens. Raise chunk_size well above {fixed} (a few thousand "
+                "tokens is typical)."
             )
         return self
 

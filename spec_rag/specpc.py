@@ -198,8 +198,9 @@ class SpecPC:
 
         Chunk ``i`` is ``prompt[:sinks] + prompt[start_i:end_i] + prompt[-w:]``: the prompt's
         first tokens, one slice of the rest, and the window (the question). Every chunk is
-        ``chunk_limit() - lookahead`` tokens long; slices overlap by ``chunk_overlap`` and the
-        last one ends where the window begins, so together they cover every token.
+        ``chunk_limit() - lookahead`` tokens long; slices overlap by ``chunk_overlap`` (at most
+        half a slice) and the last one ends where the window begins, so together they cover
+        every token.
         """
         cfg = self.config
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
@@ -209,14 +210,13 @@ class SpecPC:
         window = min(cfg.window_size, length) or 1
         sinks = min(CHUNK_SINK_TOKENS, length - window)
         span = limit - n - window - sinks  # prompt tokens a chunk adds
-        overlap = cfg.chunk_overlap
-        if span <= overlap:
+        if span <= 0:
             raise InvalidInputError(
-                f"a chunk of {limit} tokens leaves no new prompt tokens after the window ({window}), "
-                f"the lookahead ({n}), {sinks} sink tokens and the overlap ({overlap}): raise "
-                f"chunk_size (at most the draft's window), or lower window_size, the lookahead or "
-                "chunk_overlap."
+                f"a chunk of {limit} tokens has no room for prompt tokens after the window ({window}), "
+                f"the lookahead ({n}) and {sinks} sink tokens: raise chunk_size (at most the draft's "
+                "window), or lower window_size or the lookahead."
             )
+        overlap = min(cfg.chunk_overlap, span // 2)
         end = length - window
         starts = [*range(sinks, end - span, span - overlap), end - span]
         return [(start, start + span) for start in starts]

@@ -139,7 +139,7 @@ def test_chunk_size_smaller_than_the_drafts_window_also_chunks(draft, tokenizer,
 
 def test_a_chunk_size_with_no_room_for_new_tokens_is_refused():
     with pytest.raises(ValueError, match="chunk_size"):
-        SpecPCConfig(chunk_size=64 + 1 + CHUNK_SINK_TOKENS + 256)
+        SpecPCConfig(chunk_size=64 + 1 + CHUNK_SINK_TOKENS)
 
 
 def test_documents_past_the_drafts_window_are_compressed(short_draft, tokenizer, long_text_module):
@@ -225,6 +225,7 @@ def test_a_sweep_scoring_names_a_fitting_budget_too(draft, tokenizer, long_text_
 
 
 def test_an_error_names_what_to_change_when_chunks_leave_no_room(short_draft, tokenizer, ids):
-    pc = SpecPC(short_draft, tokenizer, CONFIG.model_copy(update={"window_size": 100, "chunk_overlap": 200}))
+    update = {"window_size": 252, "max_capacity_prompt": 300}
+    pc = SpecPC(short_draft, tokenizer, CONFIG.model_copy(update=update))
     with pytest.raises(InvalidInputError, match="raise chunk_size"):
         pc.chunk_slices(ids.numel())
