@@ -39,11 +39,12 @@ class SpecKVPC(Method):
         n = self.speckv.lookahead_length(request)
         tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n)
         ids, kept_prompt = self.specpc.cut_prompt(tokens, pc_budget, request.stats)
-        whole = tokens.scores is not None and tokens.chunks == 1
-        lookahead = tokens.lookahead if whole else None  # None: SpecKV writes it
+        lookahead = tokens.lookahead if tokens.scores is not None else None  # None: SpecKV writes it
         request.stats.lookahead_tokens = len(tokens.lookahead)
-        request = replace(request, lookahead=lookahead, prompt=kept_prompt)
-        scored = self.speckv.score_ids(request, ids, budget)
+        if tokens.chunks > 1:  # the draft writes the lookahead from the kept prompt
+            request = replace(request, prompt=kept_prompt)
+            lookahead = None
+        scored = self.speckv.score_ids(replace(request, lookahead=lookahead), ids, budget)
         scored.method = self.name
         return scored
 
