@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from spec_rag.errors import InvalidInputError
 
 PoolType = Literal["max", "avg"]
+
+#: The prompt's first tokens, which every SpecPC chunk starts with: they take the attention a
+#: model gives to a sequence's first positions (the attention sinks), which a chunk's first
+#: slice token would otherwise receive (docs/algorithms.md, "Beyond the draft's window").
+CHUNK_SINK_TOKENS = 4
 ReductionType = Literal["max", "mean"]
 
 
@@ -98,6 +103,13 @@ class SpecPCConfig(_Config):
         keep_special_tokens: never drop the chat template's special tokens, so the compressed
             prompt is still a well-formed chat. Special-token text inside documents or other
             message content is ordinary text (it is tokenised split), so it is never protected.
+        chunk_size: the longest sequence one draft pass reads (``None``: the draft's context
+            window). A longer prompt is scored in overlapping chunks, each one slice of the
+            prompt followed by its last ``window_size`` tokens (the question), and selected
+            once over the whole prompt; a prompt that fits is scored whole. Clamped to the
+            draft's window; lower it to bound the draft's working memory.
+        chunk_overlap: prompt tokens two neighbouring chunks share (at most half a chunk's
+            slice), so a passage cut by a chunk boundary is read whole by one of them.
     """
 
     max_capacity_prompt: Annotated[int, Field(gt=0)] = 1024
@@ -110,6 +122,8 @@ class SpecPCConfig(_Config):
     starting_layer_index: Annotated[int, Field(ge=0)] = 8
     weighted_query: bool = True
     keep_special_tokens: bool = True
+    chunk_size: Annotated[int, Field(gt=0)] | None = None
+    chunk_overlap: Annotated[int, Field(ge=0)] = 256
 
     @model_validator(mode="after")
     def _window_within_budget(self) -> SpecPCConfig:
@@ -118,6 +132,14 @@ class SpecPCConfig(_Config):
                 f"window_size ({self.window_size}) is larger than max_capacity_prompt "
                 f"({self.max_capacity_prompt}): the last window_size tokens are always kept, so the "
                 "budget must hold them. Raise max_capacity_prompt or lower window_size."
+            )
+        fixed = self.window_size + self.lookahead_tokens + CHUNK_SINK_TOKENS
+        if self.chunk_size is not None and self.chunk_size <= fixed:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) leaves no room for prompt tokens: each chunk also "
+                f"holds the window ({self.window_size}), the lookahead ({self.lookahead_tokens}) and "
+                f"{CHUNK_SINK_TOKENS} sink tokens. Raise chunk_size well above {fixed} (a few thousand "
+                "tokens is typical)."
             )
         return self
 

@@ -22,6 +22,7 @@ from spec_rag._prompt import (
     check_fits,
     check_input_chars,
     check_input_tokens,
+    context_window,
     control_token_ids,
     encode_prompt,
     encode_text,
@@ -33,7 +34,7 @@ from spec_rag._prompt import (
     text_from_spans,
     with_tools,
 )
-from spec_rag.config import SpecPCConfig
+from spec_rag.config import CHUNK_SINK_TOKENS, SpecPCConfig
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import SamplingParams, decode_tokens, forward, new_cache
 from spec_rag.scoring import TokenScoreRecorder, enable_scoring, pool_scores
@@ -106,7 +107,9 @@ class Compression:
         kept_positions: ``[compressed_tokens]`` sorted positions kept in the original prompt.
         scores: ``[original_tokens]`` smoothed importance of every prompt token.
         messages: the compressed chat messages, when a chat was compressed.
-        lookahead_ids: the draft's lookahead tokens.
+        lookahead_ids: the draft's lookahead tokens (none when the prompt was scored in chunks:
+            no draft pass read the whole prompt).
+        chunks: draft passes that scored the prompt (1: whole, as the paper does).
     """
 
     text: str
@@ -117,6 +120,7 @@ class Compression:
     compressed_tokens: int
     messages: list[dict[str, Any]] | None = None
     lookahead_ids: list[int] = field(default_factory=list)
+    chunks: int = 1
 
     @property
     def ratio(self) -> float:
@@ -220,6 +224,41 @@ class SpecPC:
         self._special = set(control_token_ids(tokenizer))
 
     # -- scoring ---------------------------------------------------------------------------
+    def chunk_limit(self) -> int | None:
+        """The longest sequence one draft pass reads: ``chunk_size``, at most the draft's window
+        (``None``: no limit)."""
+        limits = [x for x in (self.config.chunk_size, context_window(self.model)) if x is not None]
+        return min(limits) if limits else None
+
+    def chunk_slices(self, length: int, lookahead_tokens: int | None = None) -> list[tuple[int, int]]:
+        """The ``[start, end)`` slice of each chunk of a prompt of ``length`` tokens scored with
+        ``lookahead_tokens`` (default: the config's); empty when one draft pass reads it whole.
+
+        Chunk ``i`` is ``prompt[:sinks] + prompt[start_i:end_i] + prompt[-w:]``: the prompt's
+        first tokens, one slice of the rest, and the window (the question). Every chunk is
+        ``chunk_limit() - lookahead`` tokens long; slices overlap by ``chunk_overlap`` (at most
+        half a slice) and the last one ends where the window begins, so together they cover
+        every token.
+        """
+        cfg = self.config
+        n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
+        limit = self.chunk_limit()
+        if limit is None or length + n <= limit:
+            return []
+        window = min(cfg.window_size, length) or 1
+        sinks = min(CHUNK_SINK_TOKENS, length - window)
+        span = limit - n - window - sinks  # prompt tokens a chunk adds
+        if span <= 0:
+            raise InvalidInputError(
+                f"a chunk of {limit} tokens has no room for prompt tokens after the window ({window}), "
+                f"the lookahead ({n}) and {sinks} sink tokens: raise chunk_size (at most the draft's "
+                "window), or lower window_size or the lookahead."
+            )
+        overlap = min(cfg.chunk_overlap, span // 2)
+        end = length - window
+        starts = [*range(sinks, end - span, span - overlap), end - span]
+        return [(start, start + span) for start in starts]
+
     def score_tokens(
         self,
         input_ids: torch.Tensor,
@@ -232,26 +271,74 @@ class SpecPC:
         ``generate_tokens`` (at least ``lookahead_tokens``) lets the same pass write a longer
         lookahead than it scores, e.g. for SpecKV: scores use the first ``lookahead_tokens``
         queries only, so they equal a pass that writes no more.
+
+        A prompt longer than :meth:`chunk_limit` is scored in chunks (:meth:`chunk_slices`);
+        no pass then reads the whole prompt, so no lookahead is returned.
         """
         cfg = self.config
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
         total = n if generate_tokens is None else max(generate_tokens, n)
+        slices = self.chunk_slices(input_ids.numel(), total)
+        if slices:
+            return self.score_chunks(input_ids, slices, n), []
         length = input_ids.numel()
         check_fits(self.model, length + total, role="draft")
-        layers = range(starting_layer(cfg, self.model), int(self.model.config.num_hidden_layers))
-        window = min(cfg.window_size, length) or 1
-        recorder = TokenScoreRecorder(
-            length - window,
-            length,
-            layers=layers,
-            reduction=cfg.reduction_type,
-            weighted_query=cfg.weighted_query,
-            window_end=length + n,
-        )
+        recorder = self._recorder(length, n)
         lookahead = draft_pass(
             self.model, input_ids, lookahead_tokens=total, eos_token_ids=self._eos, recorder=recorder
         )
         return recorder.scores().cpu(), lookahead
+
+    def _recorder(self, length: int, lookahead_tokens: int) -> TokenScoreRecorder:
+        """Scores of the last ``window_size`` queries of a ``length``-token pass and the
+        lookahead's ``lookahead_tokens`` queries after them."""
+        cfg = self.config
+        window = min(cfg.window_size, length) or 1
+        return TokenScoreRecorder(
+            length - window,
+            length,
+            layers=range(starting_layer(cfg, self.model), int(self.model.config.num_hidden_layers)),
+            reduction=cfg.reduction_type,
+            weighted_query=cfg.weighted_query,
+            window_end=length + lookahead_tokens,
+        )
+
+    def score_chunks(
+        self,
+        input_ids: torch.Tensor,
+        slices: Sequence[tuple[int, int]],
+        lookahead_tokens: int,
+        *,
+        normalise: bool = False,
+    ) -> torch.Tensor:
+        """``[L]`` raw scores of ``input_ids`` ``[L]`` from one draft pass per chunk (``slices``,
+        see :meth:`chunk_slices`), merged by the maximum over the chunks that hold a token.
+        Each pass's cache is freed before the next; only the ``[L]`` merge is kept.
+
+        ``normalise`` divides each chunk's scores by their maximum over its slice first (the
+        measurements in docs/results.md chose the plain maximum).
+        """
+        cfg = self.config
+        length = input_ids.numel()
+        window = min(cfg.window_size, length) or 1
+        sinks = min(CHUNK_SINK_TOKENS, length - window)
+        fixed = torch.cat([torch.arange(sinks), torch.arange(length - window, length)])  # [sinks + w]
+        merged = torch.zeros(length)  # [L]
+        for start, end in slices:
+            positions = torch.cat([fixed[:sinks], torch.arange(start, end), fixed[sinks:]])  # [K]
+            recorder = self._recorder(positions.numel(), lookahead_tokens)
+            draft_pass(
+                self.model,
+                input_ids[positions],
+                lookahead_tokens=lookahead_tokens,
+                eos_token_ids=self._eos,
+                recorder=recorder,
+            )
+            scores = recorder.scores().float().cpu()  # [K]
+            if normalise:
+                scores = scores / scores[sinks : sinks + end - start].max().clamp_min(1e-12)
+            merged[positions] = torch.maximum(merged[positions], scores)
+        return merged
 
     def _special_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Which tokens are special (``select_tokens`` decides whether that counts)."""
@@ -301,8 +388,16 @@ class SpecPC:
         )
         check_input_tokens(input_ids.numel(), self.max_input_tokens)
         raw, lookahead = self.score_tokens(input_ids, lookahead_tokens=lookahead_tokens)
+        chunks = len(self.chunk_slices(input_ids.numel(), lookahead_tokens)) or 1
         return self.cut(
-            text, input_ids, offsets, self.smooth(raw), capacity, lookahead=lookahead, protected=protected
+            text,
+            input_ids,
+            offsets,
+            self.smooth(raw),
+            capacity,
+            lookahead=lookahead,
+            protected=protected,
+            chunks=chunks,
         )
 
     def smooth(self, scores: torch.Tensor) -> torch.Tensor:
@@ -319,6 +414,7 @@ class SpecPC:
         *,
         lookahead: Sequence[int] = (),
         protected: torch.Tensor | None = None,
+        chunks: int = 1,
     ) -> Compression:
         """The prompt kept at ``capacity`` from smoothed ``scores`` (``[L]``): one scoring pass
         (:meth:`score_tokens`, :meth:`smooth`) serves every budget. ``protected`` (``[L]``
@@ -333,6 +429,7 @@ class SpecPC:
             original_tokens=input_ids.numel(),
             compressed_tokens=kept.numel(),
             lookahead_ids=list(lookahead),
+            chunks=chunks,
         )
 
     @staticmethod

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from tiny_models import tiny_model
 
 from spec_rag import (
-    ContextLengthError,
     InvalidInputError,
     SpecEngine,
     SpecKVConfig,
@@ -81,11 +80,16 @@ def test_budget_above_the_prompt_keeps_everything(pc):
     assert out.compressed_tokens == out.original_tokens
 
 
-def test_prompt_longer_than_the_drafts_context_says_what_to_do(target, tokenizer, long_text):
+def test_prompt_longer_than_the_drafts_context_is_scored_in_chunks_or_says_what_to_do(
+    target, tokenizer, long_text
+):
     short_draft = tiny_model("qwen2", tokenizer, max_position_embeddings=128)
     engine = SpecEngine(target, tokenizer, draft=short_draft, config=SpecKVPCConfig(specpc=PC, speckv=KV))
-    with pytest.raises(ContextLengthError, match="draft model's context window is 128"):
-        engine.generate(long_text, max_new_tokens=2)
+    out = engine.generate(long_text, max_new_tokens=2)
+    assert out.stats.prompt_tokens > 128 and out.stats.target_prefill_tokens == 64
+    # a lookahead (SpecKV's: the answer's length) that leaves a chunk no room is refused with the fix
+    with pytest.raises(InvalidInputError, match=r"raise chunk_size .* or lower window_size or the lookahead"):
+        engine.generate(long_text, max_new_tokens=200)
 
 
 def test_a_stream_runs_in_the_consumers_thread_and_stops_when_closed(target, draft, tokenizer, long_text):

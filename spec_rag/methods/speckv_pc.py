@@ -30,13 +30,20 @@ class SpecKVPC(Method):
         ``budget`` is the cache budget.
 
         A prompt that fits the SpecPC budget is not cut: the draft only writes the lookahead
-        (SpecKV alone), and not even that when the prompt also fits the cache budget."""
+        (SpecKV alone), and not even that when the prompt also fits the cache budget.
+
+        A prompt scored in chunks (past the draft's window) has no draft pass over all of it:
+        the draft then writes the lookahead from the kept prompt, which is what the target
+        reads."""
         pc_budget = self.specpc.config.max_capacity_prompt
         n = self.speckv.lookahead_length(request)
-        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n)
-        ids = self.specpc.cut(tokens, pc_budget, request.stats)
+        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n)
+        ids, kept_prompt = self.specpc.cut_prompt(tokens, pc_budget, request.stats)
         lookahead = tokens.lookahead if tokens.scores is not None else None  # None: SpecKV writes it
         request.stats.lookahead_tokens = len(tokens.lookahead)
+        if tokens.chunks > 1:  # the draft writes the lookahead from the kept prompt
+            request = replace(request, prompt=kept_prompt)
+            lookahead = None
         scored = self.speckv.score_ids(replace(request, lookahead=lookahead), ids, budget)
         scored.method = self.name
         return scored

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from spec_rag._prompt import Prompt, TrustedPrompt, encode_prompt, is_messages
+from spec_rag._prompt import Prompt, TrustedPrompt, context_window, encode_prompt, is_messages
 from spec_rag.config import SpecPCConfig
-from spec_rag.errors import InvalidInputError
+from spec_rag.errors import ContextLengthError, InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
 from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt
 from spec_rag.methods.full import Full
@@ -28,6 +28,8 @@ class ScoredTokens(ScoredPrompt):
         scores: ``[L]`` smoothed token scores; ``None`` when the prompt fit the only budget
             it was scored for, so the draft never ran.
         protected: ``[L]`` bool, tokens never cut (a tool prompt's template text), or ``None``.
+        chunks: draft passes that scored the prompt (more than 1 past the draft's window or
+            ``chunk_size``; ``lookahead`` is then empty, as no pass read the whole prompt).
     """
 
     prompt: Prompt = ""
@@ -36,6 +38,7 @@ class ScoredTokens(ScoredPrompt):
     offsets: list[tuple[int, int]] = field(default_factory=list)
     scores: torch.Tensor | None = field(default_factory=lambda: torch.empty(0))
     protected: torch.Tensor | None = None
+    chunks: int = 1
 
 
 class SpecPCMethod(Method):
@@ -49,23 +52,33 @@ class SpecPCMethod(Method):
         )
 
     def score(
-        self, request: Request, budget: int | None = None, lookahead_tokens: int | None = None
+        self,
+        request: Request,
+        budget: int | None = None,
+        lookahead_tokens: int | None = None,
+        *,
+        target_extra: int = 0,
     ) -> ScoredTokens:
         """The draft's pass. ``lookahead_tokens`` overrides the config's ``n`` (SpecKV-PC
-        scores with, and keeps, SpecKV's whole lookahead)."""
+        scores with, and keeps, SpecKV's whole lookahead). ``target_extra``: tokens the target
+        prefills after the kept prompt (SpecKV-PC's lookahead), for the check that it fits."""
         models, stats = self.models, request.stats
         t0 = time.perf_counter()
         tokenizer = models.tokenizer if models.shared_vocabulary else models.draft_tokenizer
         enc = encode_prompt(tokenizer, request.prompt, offsets=True, max_tokens=models.max_input_tokens)
-        if budget is not None:
-            check_capacity(budget, self.config.window_size)  # before the draft's pass, not after
-        fits = budget is not None and enc["input_ids"].numel() <= budget
+        length = enc["input_ids"].numel()
+        if budget is not None:  # before the draft's pass, not after
+            check_capacity(budget, self.config.window_size)
+            self.check_target_fits(min(length, budget), length, budget, target_extra)
+        fits = budget is not None and length <= budget
         scores: torch.Tensor | None = None
         lookahead: list[int] = []
+        chunks = 1
         if not fits:  # nothing would be cut at the only budget asked for: no draft pass
             raw, draft_lookahead = self.compressor.score_tokens(
                 enc["input_ids"], lookahead_tokens=lookahead_tokens
             )
+            chunks = len(self.compressor.chunk_slices(length, lookahead_tokens)) or 1
             scores = self.compressor.smooth(raw)
             lookahead = models.to_target_ids(draft_lookahead)
         stats.draft_s += time.perf_counter() - t0
@@ -80,10 +93,32 @@ class SpecPCMethod(Method):
             offsets=list(enc["offsets"]),
             scores=scores,
             protected=tool_structure_tokens(request.prompt, enc),
+            chunks=chunks,
+        )
+
+    def check_target_fits(self, kept: int, length: int, budget: int, extra: int = 0) -> None:
+        """A clear error, before any forward, when the ``kept`` of ``length`` prompt tokens at
+        ``budget`` (plus ``extra`` tokens after them) cannot fit the target's window."""
+        limit = context_window(self.models.target)
+        if limit is None or kept + extra <= limit:
+            return
+        fitting = limit - extra
+        after = f" plus the {extra} lookahead tokens it prefills after them" if extra else ""
+        raise ContextLengthError(
+            f"SpecPC would hand the target {kept} of the prompt's {length} tokens (budget {budget})"
+            f"{after}, but the target's context window is {limit}: set the SpecPC budget "
+            f"(max_capacity_prompt) to {fitting} or less."
         )
 
     def cut(self, scored: ScoredTokens, budget: int, stats: GenerationStats) -> torch.Tensor:
         """``[kept]`` target ids of the prompt kept at ``budget``."""
+        return self.cut_prompt(scored, budget, stats)[0]
+
+    def cut_prompt(
+        self, scored: ScoredTokens, budget: int, stats: GenerationStats
+    ) -> tuple[torch.Tensor, Prompt]:
+        """``[kept]`` target ids of the prompt kept at ``budget``, and the kept prompt itself
+        (text or chat messages) for a model that tokenises it anew."""
         models = self.models
         t0 = time.perf_counter()
         if scored.scores is None:
@@ -92,28 +127,28 @@ class SpecPCMethod(Method):
                     f"this SpecPC scoring skipped the draft (the prompt fit its budget); budget {budget} "
                     "would cut it: score the prompt without a budget (engine.score(prompt))."
                 )
-            return self.whole_prompt(scored)
+            return self.whole_prompt(scored), scored.prompt
         compression = self.compressor.cut(
             scored.text, scored.input_ids, scored.offsets, scored.scores, budget, protected=scored.protected
         )
+        kept_prompt: Any = compression.text
+        if isinstance(scored.prompt, TrustedPrompt):
+            kept_prompt = TrustedPrompt(kept_prompt)  # a trusted text stays trusted once cut
+        elif is_messages(scored.prompt):
+            kept_prompt = SpecPC._compressed_messages(
+                scored.prompt,  # type: ignore[arg-type]
+                scored.text,
+                scored.offsets,
+                compression.kept_positions,
+            )
         if models.shared_vocabulary:
             ids = compression.input_ids
         else:  # the kept text (or chat), re-tokenised by the target
-            kept_prompt: Any = compression.text
-            if isinstance(scored.prompt, TrustedPrompt):
-                kept_prompt = TrustedPrompt(kept_prompt)  # a trusted text stays trusted once cut
-            elif is_messages(scored.prompt):
-                kept_prompt = SpecPC._compressed_messages(
-                    scored.prompt,  # type: ignore[arg-type]
-                    scored.text,
-                    scored.offsets,
-                    compression.kept_positions,
-                )
             ids = encode_prompt(models.tokenizer, kept_prompt, max_tokens=models.max_input_tokens)[
                 "input_ids"
             ]
         stats.draft_s += time.perf_counter() - t0
-        return ids
+        return ids, kept_prompt
 
     def whole_prompt(self, scored: ScoredTokens) -> torch.Tensor:
         """``[L]`` target ids of the prompt, nothing cut."""
@@ -132,6 +167,8 @@ class SpecPCMethod(Method):
     ) -> Prefilled:
         if not isinstance(scored, ScoredTokens):
             raise InvalidInputError(f"SpecPC cannot answer from a {scored.method!r} scoring.")
-        ids = self.cut(scored, self.config.budget if budget is None else budget, stats)
+        budget = self.config.budget if budget is None else budget
+        ids = self.cut(scored, budget, stats)
+        self.check_target_fits(ids.numel(), scored.input_ids.numel(), budget)
         full = Full(None, self.models)
         return full.select(full.score_ids(Request(scored.prompt, 0, stats), ids), None, stats)
