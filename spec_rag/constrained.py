@@ -177,7 +177,9 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {**schema, "$defs": definitions} if definitions else schema
 
 
-def _hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+def _hoist_definitions(
+    parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]
+) -> dict[str, Any]:
     """``parameters`` without its ``$defs`` / ``definitions``, which go into ``definitions`` (the
     call schema's root) under ``prefix`` + their name, with every local ``$ref`` to them rewritten:
     nested under ``arguments``, a pydantic model's ``#/$defs/...`` references would point nowhere."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import threading
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 import jsonschema
@@ -237,7 +237,7 @@ def test_a_tool_call_names_a_tool_and_its_arguments_validate(model, tokenizer, s
     jsonschema.validate(call, tool_call_schema([SEARCH, WEATHER]))
 
 
-class Colour(str, Enum):
+class Colour(StrEnum):
     RED = "red"
     BLUE = "blue"
 
@@ -262,7 +262,10 @@ def test_tools_whose_parameters_hold_definitions_compile_and_validate(model, tok
     # tools' definitions of one name must not collide.
     tools = [
         {"name": "paint", "parameters": Paint.model_json_schema()},
-        {"name": "label", "parameters": {**Label.model_json_schema(), "$defs": {"Colour": {"enum": ["green"]}}}},
+        {
+            "name": "label",
+            "parameters": {**Label.model_json_schema(), "$defs": {"Colour": {"enum": ["green"]}}},
+        },
     ]
     schema = tool_call_schema(tools)
     constraint = Constraint.tool_call(tokenizer, tools)
