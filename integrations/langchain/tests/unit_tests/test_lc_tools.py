@@ -17,6 +17,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_spec_rag import ChatSpecKV
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
@@ -68,7 +69,7 @@ def tool_draft(tool_tokenizer: Any) -> Any:
 
 
 def _chat(target: Any, tokenizer: Any, draft: Any, **kwargs: Any) -> ChatSpecKV:
-    options: dict[str, Any] = {"max_capacity_prompt": 64, "window_size": 8, "max_tokens": 40, **kwargs}
+    options: dict[str, Any] = {"max_capacity_prompt": 64, "window_size": 8, "max_tokens": 96, **kwargs}
     return ChatSpecKV(
         llm=target, tokenizer=tokenizer, draft_model=draft, draft_tokenizer=tokenizer, **options
     )
@@ -272,23 +273,48 @@ def test_prompt_compression_shortens_a_long_tool_result_and_keeps_the_call_struc
     documents = " ".join(f"Document {i} is about the garden and its ferns." for i in range(40)) + " " + FACT
     history = _history()
     history[-1] = ToolMessage(documents, tool_call_id="call_1", name="retrieve")
-    budgets = {"max_capacity_prompt": 96} if method == "specpc" else {"prompt_capacity": 96}
-    chat = _chat(tool_target, tool_tokenizer, tool_draft, method=method, max_tokens=4, **budgets)
+    chat = _chat(tool_target, tool_tokenizer, tool_draft, method="full")
+    short_tokens = chat.get_num_tokens_from_messages(_history(), tools=[retrieve])  # one sentence of result
     full_tokens = chat.get_num_tokens_from_messages(history, tools=[retrieve])
+    budget = short_tokens + 120  # the structure fits; the forty documents do not
+    budgets = {"max_capacity_prompt": budget} if method == "specpc" else {"prompt_capacity": budget}
+    chat = _chat(tool_target, tool_tokenizer, tool_draft, method=method, max_tokens=4, **budgets)
     prefill = _Prefill(tool_target)
     try:
         answer = chat.bind_tools([retrieve]).invoke(history)
     finally:
         prefill.close()
     prompt = tool_tokenizer.decode(prefill.inputs[0])
-    assert len(prefill.inputs[0]) < full_tokens  # the tool result was compressed ...
-    assert answer.response_metadata["spec_rag"]["prompt_tokens"] < full_tokens
-    # ... and the template's structure around it was not cut
-    assert (
-        '<tool_call>\n{"name": "retrieve", "arguments": {"query": "vault"}}\n</tool_call><|im_end|>' in prompt
+    stats = answer.response_metadata["spec_rag"]
+    assert stats["prompt_tokens"] == full_tokens  # counted with the tools, as the engine reads them
+    assert len(prefill.inputs[0]) < full_tokens and stats["target_prefill_tokens"] < full_tokens
+    # The tool result was cut, the template's structure around it was not.
+    assert "Document 20 is about" not in prompt or "Document 30 is about" not in prompt
+    assert prompt.startswith("<|im_start|>system\nYou may call these tools:\n<tools>")
+    assert '<tool_call>\n{"name": "retrieve", "arguments": {"query": "vault"}}\n</tool_call><|im_end|>' in prompt
+    assert prompt.count("<|im_start|>user\n<tool_response>\n") == 1
+    assert prompt.endswith("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_prompt_compression_keeps_the_tool_definitions(
+    tool_target: Any, tool_tokenizer: Any, tool_draft: Any
+) -> None:
+    documents = " ".join(f"Document {i} is about the garden and its ferns." for i in range(40)) + " " + FACT
+    history = _history()
+    history[-1] = ToolMessage(documents, tool_call_id="call_1", name="retrieve")
+    chat = _chat(tool_target, tool_tokenizer, tool_draft, method="full")
+    budget = chat.get_num_tokens_from_messages(_history(), tools=[retrieve]) + 120
+    chat = _chat(tool_target, tool_tokenizer, tool_draft, method="specpc", max_tokens=4, max_capacity_prompt=budget)
+    prefill = _Prefill(tool_target)
+    try:
+        chat.bind_tools([retrieve]).invoke(history)
+    finally:
+        prefill.close()
+    prompt = tool_tokenizer.decode(prefill.inputs[0])
+    tools = chat._core.get().tokenizer.apply_chat_template(  # what the template renders for the tools
+        [{"role": "user", "content": "x"}], tools=[convert_to_openai_tool(retrieve)], tokenize=False
     )
-    assert prompt.count("<tool_response>\n") == 1 and prompt.count("\n</tool_response><|im_end|>") == 1
-    assert prompt.endswith("<|im_start|>assistant\n")
+    assert tools.split("<|im_end|>")[0] in prompt
 
 
 def test_counting_tokens_counts_the_tools(chat: ChatSpecKV) -> None:
