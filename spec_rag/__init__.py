@@ -14,6 +14,7 @@ from spec_rag.config import (
     config_for_method,
     method_info,
 )
+from spec_rag.constrained import Constraint
 from spec_rag.engine import Generation, GenerationStats, GenerationStream, ScoredPrompt, SpecEngine
 from spec_rag.errors import (
     ChecksumError,
@@ -26,6 +27,7 @@ from spec_rag.errors import (
     UnsupportedModelError,
 )
 from spec_rag.specpc import Compression, DocumentCompression, SpecPC
+from spec_rag.tools import ToolCall, ToolsNotSupportedError, parse_tool_calls, supports_tools
 
 if TYPE_CHECKING:
     from spec_rag.models import check_model_source, get_model, load_model
@@ -47,6 +49,7 @@ __all__ = [
     "METHODS",
     "ChecksumError",
     "Compression",
+    "Constraint",
     "ContextLengthError",
     "DocumentCompression",
     "Generation",
@@ -66,6 +69,8 @@ __all__ = [
     "SpecPCConfig",
     "SpecRagError",
     "StreamingLLMConfig",
+    "ToolCall",
+    "ToolsNotSupportedError",
     "TrustedPrompt",
     "UnsupportedModelError",
     "__version__",
@@ -74,5 +79,7 @@ __all__ = [
     "get_model",
     "load_model",
     "method_info",
+    "parse_tool_calls",
+    "supports_tools",
     "trusted",
 ]

@@ -8,6 +8,7 @@ cannot close the user's turn and open a forged one. :class:`TrustedPrompt` opts 
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import threading
@@ -19,6 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from spec_rag.errors import ContextLengthError, InputTooLargeError, InvalidInputError
+from spec_rag.tools import check_supports_tools, normalize_tools
 
 Messages = Sequence[Mapping[str, Any]]
 Prompt = str | Messages
@@ -50,10 +52,43 @@ def trusted(prompt: Prompt) -> Prompt:
     """``prompt`` with every text marked :class:`TrustedPrompt` (a string, or each message's content)."""
     if isinstance(prompt, str):
         return TrustedPrompt(prompt)
-    return [
-        {**m, "content": TrustedPrompt(m["content"])} if isinstance(m.get("content"), str) else dict(m)
-        for m in prompt
-    ]
+    return with_tools(
+        [
+            {**m, "content": TrustedPrompt(m["content"])} if isinstance(m.get("content"), str) else dict(m)
+            for m in prompt
+        ],
+        prompt_tools(prompt),
+    )
+
+
+class ChatWithTools(list):  # type: ignore[type-arg]
+    """Chat messages together with the tools the chat template renders beside them.
+
+    A list of message dicts like any chat prompt, so every stage that renders the prompt (the
+    draft's pass, SpecPC's cut, the target's prefill) renders the same tools.
+    """
+
+    def __init__(self, messages: Messages, tools: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__(messages)
+        self.tools: list[dict[str, Any]] = [dict(t) for t in tools]
+
+
+def with_tools(messages: Messages, tools: Sequence[Mapping[str, Any]] | None) -> Messages:
+    """``messages`` carrying ``tools`` (a :class:`ChatWithTools`), or a plain list without tools."""
+    return ChatWithTools(messages, tools) if tools else list(messages)
+
+
+def prompt_tools(prompt: Any) -> list[dict[str, Any]] | None:
+    """The tools a prompt carries (see :class:`ChatWithTools`), ``None`` if none."""
+    tools = getattr(prompt, "tools", None)
+    return tools or None
+
+
+def has_tool_structure(prompt: Any) -> bool:
+    """Whether a prompt's rendering holds tool structure: tools, calls or tool results."""
+    if isinstance(prompt, str) or not is_messages(prompt):
+        return False
+    return bool(prompt_tools(prompt)) or any(m.get("role") == "tool" or m.get("tool_calls") for m in prompt)
 
 
 def is_messages(prompt: Any) -> bool:
@@ -75,7 +110,7 @@ def check_prompt(prompt: Any) -> None:
             "a prompt must be a string or a list of chat messages like "
             f"[{{'role': 'user', 'content': '...'}}]; got {type(prompt).__name__}."
         )
-    if not any(str(m.get("content") or "").strip() for m in prompt):
+    if not any(str(m.get("content") or "").strip() or m.get("tool_calls") for m in prompt):
         raise InvalidInputError("every chat message is empty; pass the text to answer.")
 
 
@@ -98,20 +133,33 @@ def check_input_tokens(tokens: int, max_tokens: int | None) -> None:
         )
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt) -> tuple[str, list[Span]]:
+def render_prompt(
+    tokenizer: Any, prompt: Prompt, *, tools: Sequence[Mapping[str, Any]] | None = None
+) -> tuple[str, list[Span]]:
     """The exact text the model is fed, and the character spans of its untrusted content.
 
     A string is fed as-is and is all content (none if it is a :class:`TrustedPrompt`); messages
     go through the chat template, and each message's content (unless trusted) is content, the
-    rest is the template's structure.
+    rest is the template's structure. ``tools`` (default: those the prompt carries, see
+    :class:`ChatWithTools`) are rendered by the template as trusted structure; the arguments of
+    the assistant's earlier tool calls are content, like tool results.
     """
     check_prompt(prompt)
+    tools = tools if tools is not None else prompt_tools(prompt)
     if isinstance(prompt, str):
+        if tools:
+            raise InvalidInputError(
+                "tools are rendered by the chat template: pass chat messages "
+                "([{'role': 'user', 'content': ...}]), not a string prompt."
+            )
         return str(prompt), ([] if isinstance(prompt, TrustedPrompt) else [(0, len(prompt))])
-    messages = [dict(m) for m in prompt]
+    messages = [_normalize_message(m) for m in prompt]
+    if tools or has_tool_structure(messages):
+        check_supports_tools(tokenizer)
+    rendered_tools = normalize_tools(tools) if tools else None
     contents = [m.get("content") for m in messages]
     if getattr(tokenizer, "chat_template", None):
-        return _render_template(tokenizer, messages, contents)
+        return _render_template(tokenizer, messages, contents, rendered_tools)
     # No template: a plain transcript the model can still continue.
     text, spans = "", []
     for m in messages:
@@ -128,12 +176,81 @@ def format_prompt(tokenizer: Any, prompt: Prompt) -> str:
     return render_prompt(tokenizer, prompt)[0]
 
 
-def _apply_template(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+def _normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as chat templates take it: tool calls' arguments as dicts (OpenAI sends them
+    as JSON strings, which a template's ``tojson`` would quote a second time)."""
+    out = dict(message)
+    calls = out.get("tool_calls")
+    if not calls:
+        return out
+    if out.get("content") is None:
+        out["content"] = ""
+    normalized = []
+    for call in calls:
+        call = dict(call)
+        function = dict(call.get("function", call))
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as err:
+                raise InvalidInputError(
+                    f"a tool call's arguments must be a JSON object (or its JSON text), got {arguments!r}"
+                ) from err
+        function["arguments"] = arguments
+        if "function" in call:
+            call["function"] = function
+            call.setdefault("type", "function")
+        else:
+            call = {"id": call.get("id"), "type": "function", "function": function}
+        normalized.append(call)
+    out["tool_calls"] = normalized
+    return out
+
+
+def _apply_template(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
+    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs))
+
+
+def _argument_spans(text: str, messages: list[dict[str, Any]]) -> list[Span]:
+    """Where the earlier tool calls' arguments appear in ``text`` (in order; as ``tojson`` writes
+    them): text the model wrote from retrieved content, so untrusted."""
+    spans: list[Span] = []
+    cursor = 0
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            arguments = call.get("function", call).get("arguments")
+            if not arguments:
+                continue
+            for rendering in (json.dumps(arguments, ensure_ascii=False), json.dumps(arguments)):
+                start = text.find(rendering, cursor)
+                if start >= 0:
+                    spans.append((start, start + len(rendering)))
+                    cursor = start + len(rendering)
+                    break
+    return spans
 
 
 def _render_template(
-    tokenizer: Any, messages: list[dict[str, Any]], contents: list[Any]
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    contents: list[Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[Span]]:
+    text, spans = _render_contents(tokenizer, messages, contents, tools)
+    if any(m.get("tool_calls") for m in messages):
+        spans = sorted(spans + _argument_spans(text, messages))
+    return text, spans
+
+
+def _render_contents(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    contents: list[Any],
+    tools: list[dict[str, Any]] | None,
 ) -> tuple[str, list[Span]]:
     """Render the chat template and find each content in it.
 
@@ -143,14 +260,14 @@ def _render_template(
     template text, ... If the template rewrites content some other way, the marker rendering
     with each content put back verbatim is the prompt.
     """
-    real = _apply_template(tokenizer, messages)
+    real = _apply_template(tokenizer, messages, tools)
     nonce = secrets.token_hex(6)
-    probe = [
-        {**m, "content": f"\ue000{nonce}:{i}\ue001"} if isinstance(c, str) else m
+    probe = [  # empty contents hold nothing to protect, and templates may test them ("if content")
+        {**m, "content": f"\ue000{nonce}:{i}\ue001"} if isinstance(c, str) and c else m
         for i, (m, c) in enumerate(zip(messages, contents, strict=True))
     ]
     try:
-        marked = _apply_template(tokenizer, probe)
+        marked = _apply_template(tokenizer, probe, tools)
     except Exception:  # a template that inspects its contents: find each content in order
         return real, _find_in_order(real, contents)
     parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", marked)  # [template, index, template, ...]
@@ -385,15 +502,17 @@ def encode_prompt(
     *,
     offsets: bool = False,
     max_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Render and tokenise a prompt (see :func:`render_prompt` and :func:`encode_text`); the
-    rendered text is ``out["text"]``."""
+    rendered text is ``out["text"]``, the character spans of its untrusted content
+    ``out["content"]``."""
     check_prompt(prompt)
     if isinstance(prompt, str):
         check_input_chars(len(prompt), max_tokens)
     else:
         check_input_chars(sum(len(str(m.get("content") or "")) for m in prompt), max_tokens)
-    text, content = render_prompt(tokenizer, prompt)
+    text, content = render_prompt(tokenizer, prompt, tools=tools)
     out = encode_text(
         tokenizer,
         text,
@@ -403,6 +522,7 @@ def encode_prompt(
         max_tokens=max_tokens,
     )
     out["text"] = text
+    out["content"] = content
     return out
 
 

@@ -53,6 +53,7 @@ keys in the schema's order.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,7 @@ from pydantic import BaseModel
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-__all__ = ["Constraint", "ConstraintState", "tool_call_schema"]
+__all__ = ["Constraint", "ConstraintState", "Guide", "tool_call_schema"]
 
 # Compact, fixed formatting (", " and ": " as json.dumps writes): no free whitespace, so a model
 # cannot stall in an endless run of spaces or newlines, and outputs look like the chat templates'.
@@ -174,11 +175,23 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _lark_literal(tokenizer: Any, text: str) -> str:
-    """``text`` as a Lark terminal: a reference to the special token it names, or a string."""
-    added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
-    if text in added and tokenizer.added_tokens_decoder[added[text]].special:
-        return f"<[{added[text]}]>"
-    return json.dumps(text)
+    """``text`` as a sequence of Lark items: each added token of the tokenizer in it (a special
+    token, or one like Qwen's ``<tool_call>`` that is not special) as a reference to that token,
+    the rest as strings. llguidance reads every added token as one token, never as its letters."""
+    added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items() if token.content}
+    if not added:
+        return json.dumps(text)
+    pattern = re.compile("|".join(re.escape(content) for content in sorted(added, key=len, reverse=True)))
+    items: list[str] = []
+    cursor = 0
+    for match in pattern.finditer(text):
+        if match.start() > cursor:
+            items.append(json.dumps(text[cursor : match.start()]))
+        items.append(f"<[{added[match.group()]}]>")
+        cursor = match.end()
+    if cursor < len(text):
+        items.append(json.dumps(text[cursor:]))
+    return " ".join(items) or json.dumps(text)
 
 
 class Constraint:
@@ -244,8 +257,8 @@ class Constraint:
         """Outputs that call one of ``tools`` (JSON-schema tools, OpenAI's format or bare
         ``{"name", "description", "parameters"}``): ``{"name": ..., "arguments": {...}}`` (see
         :func:`tool_call_schema`), wrapped in ``tags`` when given, e.g.
-        ``("<tool_call>\\n", "\\n</tool_call>")`` as Qwen2.5's template writes calls. A tag that is
-        a special token of the tokenizer is matched as that token. ``strict`` as in
+        ``("<tool_call>\\n", "\\n</tool_call>")`` as Qwen2.5's template writes calls. An added
+        token of the tokenizer inside a tag (special or not) is matched as that token. ``strict`` as in
         :meth:`json_schema`."""
         schema = _closed(tool_call_schema(tools)) if strict else tool_call_schema(tools)
         schema = {**schema, "x-guidance": _JSON_OPTIONS}
@@ -357,3 +370,43 @@ class ConstraintState:
         """Whether generation must stop: EOS was consumed, or the output is complete and the
         grammar allows nothing more (the caller may then emit EOS or stop)."""
         return self._ended or self._matcher.is_stopped()
+
+
+class Guide:
+    """What a decode loop obeys for one request: a :class:`ConstraintState` (optional) and token
+    ids it must never write (``banned``, e.g. a tool call's opening tag under ``tool_choice="none"``).
+    """
+
+    def __init__(self, state: ConstraintState | None = None, banned: Sequence[int] = ()) -> None:
+        self.state = state
+        self.banned = sorted({int(t) for t in banned})
+        self._banned_set = frozenset(self.banned)
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (``[vocab]``) with every forbidden token at -inf."""
+        if self.state is not None:
+            logits = self.state.mask_logits(logits)
+        if self.banned:
+            banned = torch.tensor([t for t in self.banned if t < logits.shape[-1]], dtype=torch.long)
+            logits = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+        return logits
+
+    def count_accepted(self, token_ids: Sequence[int]) -> int:
+        """How many of ``token_ids`` (drafted) may be written in a row from here."""
+        allowed = len(token_ids)
+        for index, token in enumerate(token_ids):
+            if int(token) in self._banned_set:
+                allowed = index
+                break
+        if self.state is not None:
+            allowed = self.state.count_accepted(list(token_ids[:allowed]))
+        return allowed
+
+    def advance(self, token_id: int) -> None:
+        if self.state is not None:
+            self.state.advance(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        """The grammar is complete and allows nothing more: stop."""
+        return self.state is not None and self.state.is_finished

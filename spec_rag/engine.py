@@ -4,12 +4,12 @@ SnapKV or StreamingLLM, with the same statistics for each so they compare fairly
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from spec_rag._prompt import (
     DEFAULT_MAX_INPUT_TOKENS,
@@ -18,8 +18,10 @@ from spec_rag._prompt import (
     eos_ids,
     is_messages,
     same_vocabulary,
+    with_tools,
 )
 from spec_rag.config import EngineConfig, method_info
+from spec_rag.constrained import Constraint, Guide
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import (
     DecodeResult,
@@ -30,16 +32,48 @@ from spec_rag.generation import (
     decode_tokens,
 )
 from spec_rag.methods import Method, Models, Request, ScoredPrompt, build_method
+from spec_rag.tools import (
+    ToolCall,
+    check_supports_tools,
+    check_tool_choice,
+    normalize_tools,
+    parse_tool_calls,
+    tool_call_tags,
+    tool_name,
+)
+
+#: A JSON schema (dict, or OpenAI's ``{"type": "json_schema", "json_schema": {"schema": ...}}``)
+#: or a pydantic model class.
+ResponseFormat = Mapping[str, Any] | type[BaseModel]
 
 __all__ = ["Generation", "GenerationStats", "GenerationStream", "ScoredPrompt", "SpecEngine"]
 
 
 @dataclass
 class Generation:
+    """One answer. When tools were given, ``text`` is the content with the tool-call blocks
+    removed and ``tool_calls`` the calls the model wrote, in order."""
+
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What shapes one request's answer: the tools rendered, the choice, the grammar."""
+
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | None = None
+    constraint: Constraint | None = None
+    banned: tuple[int, ...] = ()
+
+    def guide(self) -> Guide | None:
+        if self.constraint is None and not self.banned:
+            return None
+        return Guide(self.constraint.new_state() if self.constraint is not None else None, self.banned)
 
 
 class GenerationStream:
@@ -50,10 +84,16 @@ class GenerationStream:
     """
 
     def __init__(
-        self, engine: SpecEngine, params: SamplingParams, prefill: _Prefill, stats: GenerationStats
+        self,
+        engine: SpecEngine,
+        params: SamplingParams,
+        prefill: _Prefill,
+        stats: GenerationStats,
+        structure: _Structure | None = None,
+        guide: Guide | None = None,
     ) -> None:
         self.generation: Generation | None = None
-        self._iterator = engine._run(params, self, prefill, stats)
+        self._iterator = engine._run(params, self, prefill, stats, structure or _Structure(), guide)
 
     def __iter__(self) -> GenerationStream:
         return self
@@ -67,6 +107,18 @@ class GenerationStream:
 
 #: The prefill of one request: fills in its part of the stats and hands over to decoding.
 _Prefill = Callable[[], Prefilled]
+
+_STRUCTURE_DOC = """
+        ``tools`` (OpenAI-style ``{"type": "function", "function": {"name", "description",
+        "parameters"}}`` or bare ``{"name", "description", "parameters"}``) are rendered by the
+        chat template (chat messages only; a template without tools raises
+        :class:`~spec_rag.tools.ToolsNotSupportedError`); the calls the model writes come back
+        in ``Generation.tool_calls``. ``tool_choice``: ``None``/"auto" lets the model choose,
+        "none" shows the tools but forbids a call, "required" (or "any") forces one call of one
+        of the tools and a tool's name one call of that tool, both written under a grammar, so
+        the arguments validate against the tool's parameters. ``response_format`` (a JSON schema
+        or a pydantic model class) makes the answer one JSON value valid for it, and
+        ``constraint`` applies any prebuilt :class:`~spec_rag.constrained.Constraint`."""
 
 
 class SpecEngine:
@@ -187,6 +239,10 @@ class SpecEngine:
         top_k: int = ...,
         seed: int | None = ...,
         stop: Sequence[str] | str | None = ...,
+        tools: Sequence[Mapping[str, Any]] | None = ...,
+        tool_choice: str | None = ...,
+        response_format: ResponseFormat | None = ...,
+        constraint: Constraint | None = ...,
     ) -> Generation: ...
 
     @overload
@@ -200,6 +256,10 @@ class SpecEngine:
         top_k: int = ...,
         seed: int | None = ...,
         stop: Sequence[str] | str | None = ...,
+        tools: Sequence[Mapping[str, Any]] | None = ...,
+        tool_choice: str | None = ...,
+        response_format: ResponseFormat | None = ...,
+        constraint: Constraint | None = ...,
     ) -> list[Generation]: ...
 
     def generate(
@@ -212,6 +272,10 @@ class SpecEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        response_format: ResponseFormat | None = None,
+        constraint: Constraint | None = None,
     ) -> Generation | list[Generation]:
         """Answer one prompt (a string fed as-is, or chat messages) or a list of prompts.
 
@@ -219,9 +283,12 @@ class SpecEngine:
         A list of prompts is answered one by one and gives a list of generations.
         """
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        structure = self._structure(tools, tool_choice, response_format, constraint)
         if _is_batch(prompt):
-            return [self._complete(p, params) for p in prompt]  # type: ignore[arg-type]
-        return self._complete(prompt, params)  # type: ignore[arg-type]
+            return [self._complete(p, params, structure) for p in prompt]  # type: ignore[arg-type]
+        return self._complete(prompt, params, structure)  # type: ignore[arg-type]
+
+    generate.__doc__ = (generate.__doc__ or "") + _STRUCTURE_DOC
 
     def stream(
         self,
@@ -233,21 +300,34 @@ class SpecEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        response_format: ResponseFormat | None = None,
+        constraint: Constraint | None = None,
     ) -> GenerationStream:
-        """Yield the answer as text deltas while it is generated (see :class:`GenerationStream`)."""
+        """Yield the answer as text deltas while it is generated (see :class:`GenerationStream`).
+
+        With tools, the deltas are the content only: text from a tool call's opening tag on is
+        held back, and the calls are in ``stream.generation.tool_calls`` at the end."""
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
-        return self._stream(prompt, params)
+        return self._stream(prompt, params, self._structure(tools, tool_choice, response_format, constraint))
 
     # -- one scoring, many budgets ---------------------------------------------------------
     def score(
-        self, prompt: Prompt, *, max_new_tokens: int = 256, lookahead: Sequence[int] | None = None
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        lookahead: Sequence[int] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> ScoredPrompt:
         """Do the method's budget-free work on ``prompt`` once (the draft's pass, the target's
         scoring prefill); :meth:`generate_from` then answers from it at any budget.
 
         ``max_new_tokens`` sets SpecKV's default lookahead length (the answer's length).
         ``lookahead`` (target token ids) replaces the draft's own lookahead, e.g. one written by
-        another pass; it is used as given.
+        another pass; it is used as given. ``tools`` are rendered with the prompt (as in
+        :meth:`generate`); :meth:`generate_from` then parses the calls against them.
 
         Example, a budget sweep at the cost of one scoring pass::
 
@@ -255,9 +335,13 @@ class SpecEngine:
             answers = {c: engine.generate_from(scored, budget=c, max_new_tokens=64) for c in (128, 256)}
         """
         check_prompt(prompt)
+        structure = self._structure(tools, None, None, None)
+        prompt = self._with_tools(prompt, structure)
         stats = GenerationStats(method=self.method)
         request = Request(prompt, max_new_tokens, stats, None if lookahead is None else list(lookahead))
-        return self._method.score(request)
+        scored = self._method.score(request)
+        scored.tools = structure.tools
+        return scored
 
     def generate_from(
         self,
@@ -270,6 +354,9 @@ class SpecEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        tool_choice: str | None = None,
+        response_format: ResponseFormat | None = None,
+        constraint: Constraint | None = None,
     ) -> Generation:
         """Answer from a :meth:`score` result at ``budget`` (``None``: the config's budget): the
         same answer as :meth:`generate` under a config with that budget, without scoring again
@@ -279,8 +366,13 @@ class SpecEngine:
         ``scored`` stays unchanged, so any number of budgets may be answered from it. The stats
         count the scoring's cost as this answer's own. Full inference and StreamingLLM also
         answer from another method's scoring of the same prompt (they need its cache only).
+        The tools are those the prompt was scored with (``score(prompt, tools=...)``);
+        ``tool_choice``, ``response_format`` and ``constraint`` are as in :meth:`generate`.
         """
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        structure = self._structure(scored.tools, tool_choice, response_format, constraint)
+        guide = structure.guide()
+        accept = guide.count_accepted if guide is not None else None
         method = self._method
         if not method.accepts(scored):
             raise InvalidInputError(
@@ -299,19 +391,96 @@ class SpecEngine:
         stats = replace(scored.stats, method=self.method)
         spent = stats.draft_s + stats.target_prefill_s
         stream = GenerationStream(
-            self, params, lambda: method.select(scored, checked, stats, greedy=params.greedy), stats
+            self,
+            params,
+            lambda: method.select(scored, checked, stats, greedy=params.greedy, accept=accept),
+            stats,
+            structure,
+            guide,
         )
         return self._drain(stream, spent)
 
     # -- the pipeline ----------------------------------------------------------------------
-    def _complete(self, prompt: Prompt, params: SamplingParams) -> Generation:
-        return self._drain(self._stream(prompt, params))
+    def _complete(self, prompt: Prompt, params: SamplingParams, structure: _Structure) -> Generation:
+        return self._drain(self._stream(prompt, params, structure))
 
-    def _stream(self, prompt: Prompt, params: SamplingParams) -> GenerationStream:
+    def _stream(self, prompt: Prompt, params: SamplingParams, structure: _Structure) -> GenerationStream:
         check_prompt(prompt)
+        prompt = self._with_tools(prompt, structure)
         stats = GenerationStats(method=self.method)
-        request = Request(prompt, params.max_new_tokens, stats, greedy=params.greedy)
-        return GenerationStream(self, params, lambda: self._method.prefill(request), stats)
+        guide = structure.guide()
+        request = Request(
+            prompt,
+            params.max_new_tokens,
+            stats,
+            greedy=params.greedy,
+            accept=guide.count_accepted if guide is not None else None,
+        )
+        return GenerationStream(self, params, lambda: self._method.prefill(request), stats, structure, guide)
+
+    @staticmethod
+    def _with_tools(prompt: Prompt, structure: _Structure) -> Prompt:
+        if not structure.tools:
+            return prompt
+        if isinstance(prompt, str):
+            raise InvalidInputError(
+                "tools are rendered by the chat template: pass chat messages "
+                "([{'role': 'user', 'content': ...}]), not a string prompt."
+            )
+        return with_tools(list(prompt), structure.tools)
+
+    def _structure(
+        self,
+        tools: Sequence[Mapping[str, Any]] | None,
+        tool_choice: str | None,
+        response_format: ResponseFormat | None,
+        constraint: Constraint | None,
+    ) -> _Structure:
+        """Check the structured-output arguments and compile their grammar (cached per schema)."""
+        normalized = normalize_tools(tools) if tools is not None else None
+        if normalized:
+            check_supports_tools(self.tokenizer)
+        choice = check_tool_choice(tool_choice, normalized)
+        forcing = choice not in (None, "auto", "none")
+        given = [
+            name
+            for name, v in (("response_format", response_format), ("constraint", constraint))
+            if v is not None
+        ]
+        if forcing:
+            given.append(f"tool_choice={tool_choice!r}")
+        if len(given) > 1:
+            raise InvalidInputError(
+                f"pass one of {' and '.join(given)}: each sets the grammar of the answer."
+            )
+        banned: tuple[int, ...] = ()
+        if constraint is not None and not isinstance(constraint, Constraint):
+            raise InvalidInputError(
+                f"constraint must be a spec_rag.constrained.Constraint, got {type(constraint).__name__}"
+            )
+        try:
+            if response_format is not None:
+                constraint = Constraint.json_schema(
+                    self.tokenizer, _response_schema(response_format), eos_token_ids=self._target_eos
+                )
+            elif forcing:
+                assert normalized is not None
+                chosen = (
+                    normalized if choice == "required" else [t for t in normalized if tool_name(t) == choice]
+                )
+                constraint = Constraint.tool_call(
+                    self.tokenizer,
+                    chosen,
+                    tags=tool_call_tags(self.tokenizer),
+                    eos_token_ids=self._target_eos,
+                )
+        except (ValueError, TypeError) as err:
+            if isinstance(err, InvalidInputError):
+                raise
+            raise InvalidInputError(str(err)) from err
+        if choice == "none":
+            banned = _opening_tag_ids(self.tokenizer)
+        return _Structure(normalized, choice, constraint, banned)
 
     @staticmethod
     def _drain(stream: GenerationStream, spent: float = 0.0) -> Generation:
@@ -322,9 +491,15 @@ class SpecEngine:
         return stream.generation
 
     def _run(
-        self, params: SamplingParams, sink: GenerationStream, prefill: _Prefill, stats: GenerationStats
+        self,
+        params: SamplingParams,
+        sink: GenerationStream,
+        prefill: _Prefill,
+        stats: GenerationStats,
+        structure: _Structure,
+        guide: Guide | None,
     ) -> Generator[str, None, None]:
-        """validate -> the method's prefill -> decode."""
+        """validate -> the method's prefill -> decode (under the guide) -> parse tool calls."""
         start = time.perf_counter()
         if params.max_new_tokens == 0:
             stats.total_s = time.perf_counter() - start
@@ -333,7 +508,8 @@ class SpecEngine:
         prefilled = prefill()
         decode_start = time.perf_counter()
         result = DecodeResult()
-        text = TextStream(self.tokenizer, params.stop)
+        tools = bool(structure.tools)
+        text = TextStream(self.tokenizer, params.stop, hold_from="<tool_call>" if tools else None)
         for token in decode_tokens(
             self.target,
             prefilled.cache,
@@ -343,6 +519,7 @@ class SpecEngine:
             eos_token_ids=self._target_eos,
             result=result,
             accepted=prefilled.accepted,
+            guide=guide,
         ):
             delta = text.push(token)
             if delta:
@@ -350,7 +527,14 @@ class SpecEngine:
             if text.stopped:
                 result.finish_reason = "stop"
                 break
-        tail = text.flush()
+        content, calls = text.text, list[ToolCall]()
+        if tools:
+            content, calls = parse_tool_calls(text.text, self.tokenizer)
+            if structure.tool_choice == "none":
+                calls = []
+            tail = content[text.emitted :] if content.startswith(text.text[: text.emitted]) else ""
+        else:
+            tail = text.flush()
         if tail:
             yield tail
         now = time.perf_counter()
@@ -358,7 +542,11 @@ class SpecEngine:
         stats.decode_s = now - decode_start
         stats.total_s = now - start
         sink.generation = Generation(
-            text=text.text, token_ids=result.token_ids, finish_reason=result.finish_reason, stats=stats
+            text=content,
+            token_ids=result.token_ids,
+            finish_reason=result.finish_reason,
+            stats=stats,
+            tool_calls=calls,
         )
 
 
@@ -378,6 +566,34 @@ def _params(
         raise InvalidInputError(f"top_p must be in (0, 1] (got {top_p}).")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     return SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, stops)
+
+
+def _response_schema(response_format: ResponseFormat) -> Mapping[str, Any] | type[BaseModel]:
+    """The JSON schema of ``response_format``: a schema, a pydantic model class, or OpenAI's
+    ``{"type": "json_schema", "json_schema": {"schema": ...}}`` / ``{"type": "json_object"}``."""
+    if isinstance(response_format, Mapping):
+        kind = response_format.get("type")
+        if kind == "json_schema" and isinstance(response_format.get("json_schema"), Mapping):
+            inner = response_format["json_schema"]
+            return inner.get("schema", {"type": "object"})
+        if kind == "json_object" and len(response_format) == 1:
+            return {"type": "object"}
+        return response_format
+    if isinstance(response_format, type) and issubclass(response_format, BaseModel):
+        return response_format
+    raise InvalidInputError(
+        "response_format must be a JSON schema (a dict) or a pydantic model class, "
+        f"got {type(response_format).__name__}"
+    )
+
+
+def _opening_tag_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Token ids that open a tool call in ``tokenizer``'s format when the tag is one token."""
+    tags = tool_call_tags(tokenizer)
+    if tags is None:
+        return ()
+    ids = tokenizer.encode(tags[0].strip(), add_special_tokens=False)
+    return tuple(ids) if len(ids) == 1 else ()
 
 
 def _is_batch(prompt: Any) -> bool:

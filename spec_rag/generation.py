@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from spec_rag.constrained import Guide
 from spec_rag.scoring import RECORDER_KWARG, WindowRecorder
 
 
@@ -223,6 +224,7 @@ def decode_tokens(
     result: DecodeResult | None = None,
     feed_last: bool = False,
     accepted: Sequence[int] = (),
+    guide: Guide | None = None,
 ) -> Iterator[int]:
     """Yield up to ``params.max_new_tokens`` token ids; the EOS token ends it and is not yielded.
 
@@ -233,25 +235,41 @@ def decode_tokens(
     ``accepted`` tokens come first, as they are: the cache already holds their entries, so they
     cost no forward; ``first_logits`` are then the logits after the last of them and
     ``next_position`` the position after it.
+
+    ``guide`` (constrained decoding) masks the logits before each choice, advances with every
+    token (the ``accepted`` ones too: the caller checked them with ``guide.count_accepted``) and
+    ends the answer once its grammar is complete.
     """
     result = result if result is not None else DecodeResult()
     sampler = _Sampler(params, first_logits.device)
     eos = set(eos_token_ids)
     for token in accepted[: params.max_new_tokens]:
+        if guide is not None:
+            guide.advance(token)
         if token in eos:
             result.finish_reason = "stop"
             return
         result.token_ids.append(token)
         yield token
+        if guide is not None and guide.is_finished:
+            result.finish_reason = "stop"
+            return
     logits = first_logits
     position = next_position
     for step in range(len(accepted), params.max_new_tokens):
+        if guide is not None:
+            logits = guide.mask_logits(logits)  # [vocab]
         token = sampler(logits)
+        if guide is not None:
+            guide.advance(token)
         if token in eos:
             result.finish_reason = "stop"
             return
         result.token_ids.append(token)
         yield token
+        if guide is not None and guide.is_finished:
+            result.finish_reason = "stop"
+            return
         if step + 1 == params.max_new_tokens and not feed_last:
             break
         ids = torch.tensor([[token]], device=model.device)
@@ -268,9 +286,11 @@ class TextStream:
     unfinished UTF-8 sequence, never the start of a stop string that may still complete.
     """
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), hold_from: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        #: text from the first ``hold_from`` on (a tool call's opening tag) is never emitted
+        self.hold_from = hold_from
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -287,7 +307,10 @@ class TextStream:
         settled = len(self.text)
         if not self.stopped:
             settled = len(self.text.rstrip("\ufffd"))
-            settled -= max((self._partial_stop(self.text[:settled], s) for s in self.stop), default=0)
+            held = [*self.stop, self.hold_from] if self.hold_from else self.stop
+            settled -= max((self._partial_stop(self.text[:settled], s) for s in held), default=0)
+        if self.hold_from and self.hold_from in self.text:
+            settled = min(settled, self.text.index(self.hold_from))
         settled = max(settled, self.emitted)
         delta = self.text[self.emitted : settled]
         self.emitted = settled

@@ -38,10 +38,12 @@ __all__ = [
     "AURORA_QUESTION",
     "CHATML",
     "NASTY_TEXTS",
+    "TOOLS_CHATML",
     "TOWN_DOCUMENTS",
     "corpus_text",
     "tiny_model",
     "tiny_tokenizer",
+    "tiny_tools_tokenizer",
 ]
 
 #: A minimal ChatML template, as Qwen and SmolLM2 use.
@@ -50,6 +52,36 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+#: A ChatML template with tools, tool calls and tool results written as Qwen2.5's template
+#: writes them (``<tools>`` in the system turn, ``<tool_call>`` JSON blocks, ``<tool_response>``).
+TOOLS_CHATML = (
+    "{%- if tools %}<|im_start|>system\n"
+    "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{%- else %}You are a helpful "
+    "assistant.{%- endif %}\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+    "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n\nFor each function call, "
+    "return a json object with function name and arguments within <tool_call></tool_call> XML tags:"
+    '\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{%- elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}"
+    "<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- elif message.role == 'assistant' %}<|im_start|>assistant"
+    "{%- if message.content %}\n{{ message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    '\n<tool_call>\n{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}'
+    "\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{%- endif %}"
+    "\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
 
 #: Architectures :func:`tiny_model` builds (all full attention, as spec-rag requires).
 ARCHS: dict[str, tuple[Any, Any]] = {
@@ -138,6 +170,22 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+@functools.cache
+def tiny_tools_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """:func:`tiny_tokenizer` with a tool-calling chat template (:data:`TOOLS_CHATML`) and, as in
+    Qwen2.5, ``<tool_call>`` and ``</tool_call>`` as added tokens that are not special."""
+    base = tiny_tokenizer(vocab_size)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(base.backend_tokenizer.to_str()),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=False)
+    tokenizer.chat_template = TOOLS_CHATML
     return tokenizer
 
 

@@ -17,7 +17,7 @@ a subclass only says how it scores (its recorder and lookahead) or which positio
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, ClassVar
@@ -70,6 +70,10 @@ class Models:
         return list(ids.tolist())
 
 
+#: How many of a drafted continuation's first tokens may be written (a grammar's verdict).
+AcceptLimit = Callable[[Sequence[int]], int]
+
+
 @dataclass
 class Request:
     """One prompt to prefill.
@@ -81,6 +85,8 @@ class Request:
         lookahead: target token ids of a lookahead already written (by SpecKV-PC's draft pass,
             or by a caller that ran the draft itself); ``None`` lets the method write its own.
         greedy: the answer is decoded greedily, so a verified lookahead may open it.
+        accept: under constrained decoding, how many of the verified lookahead's first tokens
+            the grammar allows in a row (``None``: all of them).
     """
 
     prompt: Prompt
@@ -88,6 +94,7 @@ class Request:
     stats: GenerationStats = field(default_factory=GenerationStats)
     lookahead: list[int] | None = None
     greedy: bool = False
+    accept: AcceptLimit | None = None
 
 
 @dataclass
@@ -98,11 +105,13 @@ class ScoredPrompt:
         method: the method that scored it.
         stats: what scoring cost; every answer selected from it counts this cost as its own.
         lookahead: target token ids of the draft's lookahead (empty when none was written).
+        tools: the tools the prompt was rendered with (``None``: none).
     """
 
     method: str
     stats: GenerationStats
     lookahead: list[int] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -170,10 +179,17 @@ class Method:
         raise NotImplementedError
 
     def select(
-        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+        self,
+        scored: ScoredPrompt,
+        budget: int | None,
+        stats: GenerationStats,
+        *,
+        greedy: bool = False,
+        accept: AcceptLimit | None = None,
     ) -> Prefilled:
         """The target's cache at ``budget`` (``None``: the config's), from ``scored``.
-        ``greedy``: the answer is decoded greedily (a verified lookahead may then open it)."""
+        ``greedy``: the answer is decoded greedily (a verified lookahead may then open it);
+        ``accept``: how many verified tokens a grammar allows (``None``: all)."""
         raise NotImplementedError
 
     def accepts(self, scored: ScoredPrompt) -> bool:
@@ -182,7 +198,9 @@ class Method:
 
     def prefill(self, request: Request) -> Prefilled:
         budget = self.budget
-        return self.select(self.score(request, budget), budget, request.stats, greedy=request.greedy)
+        return self.select(
+            self.score(request, budget), budget, request.stats, greedy=request.greedy, accept=request.accept
+        )
 
 
 class CacheMethod(Method):
@@ -286,14 +304,28 @@ class CacheMethod(Method):
         )
 
     def select(
-        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+        self,
+        scored: ScoredPrompt,
+        budget: int | None,
+        stats: GenerationStats,
+        *,
+        greedy: bool = False,
+        accept: AcceptLimit | None = None,
     ) -> Prefilled:
         """Keep the positions :meth:`positions` picks; under greedy decoding also the verified
-        lookahead's entries (at their true positions ``L .. L + k - 1``), which open the answer."""
+        lookahead's entries (at their true positions ``L .. L + k - 1``), which open the answer.
+
+        ``accept`` (a grammar) may allow only the first ``j < k`` verified tokens: the target's
+        constrained choice after them is not the draft's, so only their entries are kept and the
+        target's logits after them come from one forward of the ``j``-th token."""
         assert isinstance(scored, ScoredCache) and scored.logits is not None
         t0 = time.perf_counter()
         length = scored.length
-        keep = scored.accepted if greedy else 0
+        verified = scored.accepted if greedy else 0
+        allowed = verified if accept is None or not verified else accept(scored.lookahead[:verified])
+        allowed = min(allowed, verified)
+        refeed = 0 < allowed < verified  # the logits after the allowed prefix were not kept
+        keep = allowed - 1 if refeed else allowed  # lookahead entries taken from the scoring cache
         accepted = torch.arange(length, length + keep)  # [k]
         prompt_entries = length
         if scored.cut is not None:
@@ -315,13 +347,20 @@ class CacheMethod(Method):
         else:
             positions = None
         cache = cache_view(scored.cache, positions)
-        stats.target_prefill_s += time.perf_counter() - t0
         stats.kv_cache_tokens = int(cache.get_seq_length()) - keep
-        stats.lookahead_accepted = keep
-        logits = scored.verified_logits if keep else scored.logits
+        logits = scored.verified_logits if keep == verified and keep else scored.logits
+        if refeed:
+            last = torch.tensor([[scored.lookahead[allowed - 1]]])  # [1, 1]
+            logits = forward(self.models.target, last, cache, position_start=length + keep)[-1]
+        stats.target_prefill_s += time.perf_counter() - t0
+        stats.lookahead_accepted = allowed
         assert logits is not None
         return Prefilled(
-            cache, logits, length + keep, {"lookahead": scored.lookahead}, accepted=scored.lookahead[:keep]
+            cache,
+            logits,
+            length + allowed,
+            {"lookahead": scored.lookahead},
+            accepted=scored.lookahead[:allowed],
         )
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from spec_rag.config import SpecKVPCConfig
 from spec_rag.generation import GenerationStats, Prefilled
-from spec_rag.methods.base import Method, Models, Request, ScoredCache, ScoredPrompt
+from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredCache, ScoredPrompt
 from spec_rag.methods.speckv import SpecKV
 from spec_rag.methods.specpc import SpecPCMethod
 
@@ -42,6 +42,12 @@ class SpecKVPC(Method):
         return scored
 
     def select(
-        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+        self,
+        scored: ScoredPrompt,
+        budget: int | None,
+        stats: GenerationStats,
+        *,
+        greedy: bool = False,
+        accept: AcceptLimit | None = None,
     ) -> Prefilled:
-        return self.speckv.select(scored, budget, stats, greedy=greedy)
+        return self.speckv.select(scored, budget, stats, greedy=greedy, accept=accept)

@@ -13,7 +13,7 @@ from spec_rag._prompt import Prompt, TrustedPrompt, encode_prompt, is_messages
 from spec_rag.config import SpecPCConfig
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
-from spec_rag.methods.base import Method, Models, Request, ScoredPrompt
+from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt
 from spec_rag.methods.full import Full
 from spec_rag.specpc import SpecPC, check_capacity
 
@@ -119,7 +119,13 @@ class SpecPCMethod(Method):
         return encode_prompt(self.models.tokenizer, scored.prompt)["input_ids"]
 
     def select(
-        self, scored: ScoredPrompt, budget: int | None, stats: GenerationStats, *, greedy: bool = False
+        self,
+        scored: ScoredPrompt,
+        budget: int | None,
+        stats: GenerationStats,
+        *,
+        greedy: bool = False,
+        accept: AcceptLimit | None = None,
     ) -> Prefilled:
         if not isinstance(scored, ScoredTokens):
             raise InvalidInputError(f"SpecPC cannot answer from a {scored.method!r} scoring.")
