@@ -80,6 +80,16 @@ def chat(tool_target: Any, tool_tokenizer: Any, tool_draft: Any) -> ChatSpecKV:
     return _chat(tool_target, tool_tokenizer, tool_draft)
 
 
+CALL_BLOCK = '<tool_call>\n{"name": "retrieve", "arguments": {"query": "vault"}}\n</tool_call>'
+
+
+def _rendered(tokenizer: Any, history: list[BaseMessage]) -> str:
+    """What the chat template makes of ``history`` with the retrieve tool."""
+    messages = chat_module._to_chat(history)
+    tools = [convert_to_openai_tool(retrieve)]
+    return str(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True))
+
+
 class _Prefill:
     """Token ids of each prefill the target runs (a forward hook on this one model)."""
 
@@ -261,9 +271,9 @@ def test_a_tool_result_is_answered_and_its_content_is_in_the_prompt(
         prefill.close()
     assert isinstance(answer, AIMessage)
     prompt = tool_tokenizer.decode(prefill.inputs[0])
+    assert prompt == _rendered(tool_tokenizer, _history())
     assert f"<tool_response>\n{FACT}\n</tool_response>" in prompt
-    assert '<tool_call>\n{"name": "retrieve", "arguments": {"query": "vault"}}\n</tool_call>' in prompt
-    assert '"name": "retrieve", "description": "Look up documents about a topic."' in prompt
+    assert CALL_BLOCK in prompt and '"name": "retrieve", "description": "Look up documents about a topic."' in prompt
 
 
 @pytest.mark.parametrize("method", ["specpc", "speckv-pc"])
@@ -290,31 +300,20 @@ def test_prompt_compression_shortens_a_long_tool_result_and_keeps_the_call_struc
     assert len(prefill.inputs[0]) < full_tokens and stats["target_prefill_tokens"] < full_tokens
     # The tool result was cut, the template's structure around it was not.
     assert "Document 20 is about" not in prompt or "Document 30 is about" not in prompt
-    assert prompt.startswith("<|im_start|>system\nYou may call these tools:\n<tools>")
-    assert '<tool_call>\n{"name": "retrieve", "arguments": {"query": "vault"}}\n</tool_call><|im_end|>' in prompt
-    assert prompt.count("<|im_start|>user\n<tool_response>\n") == 1
-    assert prompt.endswith("\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_prompt_compression_keeps_the_tool_definitions(
-    tool_target: Any, tool_tokenizer: Any, tool_draft: Any
-) -> None:
-    documents = " ".join(f"Document {i} is about the garden and its ferns." for i in range(40)) + " " + FACT
-    history = _history()
-    history[-1] = ToolMessage(documents, tool_call_id="call_1", name="retrieve")
-    chat = _chat(tool_target, tool_tokenizer, tool_draft, method="full")
-    budget = chat.get_num_tokens_from_messages(_history(), tools=[retrieve]) + 120
-    chat = _chat(tool_target, tool_tokenizer, tool_draft, method="specpc", max_tokens=4, max_capacity_prompt=budget)
-    prefill = _Prefill(tool_target)
-    try:
-        chat.bind_tools([retrieve]).invoke(history)
-    finally:
-        prefill.close()
-    prompt = tool_tokenizer.decode(prefill.inputs[0])
-    tools = chat._core.get().tokenizer.apply_chat_template(  # what the template renders for the tools
-        [{"role": "user", "content": "x"}], tools=[convert_to_openai_tool(retrieve)], tokenize=False
-    )
-    assert tools.split("<|im_end|>")[0] in prompt
+    assert CALL_BLOCK + "<|im_end|>" in prompt
+    assert prompt.count("<tool_response>\n") == 1
+    assert "\n</tool_response><|im_end|>" in prompt
+    # The template's own text is all there: drop each message's content from the rendering, and
+    # every piece left is in the prompt the target read, in order.
+    template_text = _rendered(tool_tokenizer, _history())
+    for text in ("Answer from the documents.", "What opens the Aurora vault?", FACT):
+        template_text = template_text.replace(text, "\0")
+    pieces = [piece for piece in template_text.split("\0") if piece]
+    at = 0
+    for piece in pieces:
+        found = prompt.find(piece, at)
+        assert found >= 0, f"the template's text {piece[:60]!r} was cut"
+        at = found + len(piece)
 
 
 def test_counting_tokens_counts_the_tools(chat: ChatSpecKV) -> None:
