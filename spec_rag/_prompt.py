@@ -73,7 +73,7 @@ class ChatWithTools(list):  # type: ignore[type-arg]
         self.tools: list[dict[str, Any]] = [dict(t) for t in tools]
 
 
-def with_tools(messages: Messages, tools: Sequence[Mapping[str, Any]] | None) -> Messages:
+def with_tools(messages: Messages, tools: Sequence[Mapping[str, Any]] | None) -> list[Any]:
     """``messages`` carrying ``tools`` (a :class:`ChatWithTools`), or a plain list without tools."""
     return ChatWithTools(messages, tools) if tools else list(messages)
 

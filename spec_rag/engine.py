@@ -69,11 +69,13 @@ class _Structure:
     tool_choice: str | None = None
     constraint: Constraint | None = None
     banned: tuple[int, ...] = ()
+    trigger: tuple[int, Constraint] | None = None  # "auto": a call, once opened, follows the grammar
 
     def guide(self) -> Guide | None:
-        if self.constraint is None and not self.banned:
+        if self.constraint is None and not self.banned and self.trigger is None:
             return None
-        return Guide(self.constraint.new_state() if self.constraint is not None else None, self.banned)
+        state = self.constraint.new_state() if self.constraint is not None else None
+        return Guide(state, self.banned, self.trigger)
 
 
 class GenerationStream:
@@ -478,9 +480,20 @@ class SpecEngine:
             if isinstance(err, InvalidInputError):
                 raise
             raise InvalidInputError(str(err)) from err
+        trigger: tuple[int, Constraint] | None = None
         if choice == "none":
             banned = _opening_tag_ids(self.tokenizer)
-        return _Structure(normalized, choice, constraint, banned)
+        elif normalized and constraint is None and choice in (None, "auto"):
+            opening = _opening_tag_ids(self.tokenizer)
+            if opening:  # a one-token tag: once the model opens a call, the call follows the grammar
+                call = Constraint.tool_call(
+                    self.tokenizer,
+                    normalized,
+                    tags=tool_call_tags(self.tokenizer),
+                    eos_token_ids=self._target_eos,
+                )
+                trigger = (opening[0], call)
+        return _Structure(normalized, choice, constraint, banned, trigger)
 
     @staticmethod
     def _drain(stream: GenerationStream, spent: float = 0.0) -> Generation:
