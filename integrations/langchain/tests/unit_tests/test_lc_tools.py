@@ -77,7 +77,8 @@ def _chat(target: Any, tokenizer: Any, draft: Any, **kwargs: Any) -> ChatSpecKV:
 
 @pytest.fixture
 def chat(tool_target: Any, tool_tokenizer: Any, tool_draft: Any) -> ChatSpecKV:
-    return _chat(tool_target, tool_tokenizer, tool_draft)
+    # Full inference: what the adapter does does not depend on the method (one test runs SpecKV).
+    return _chat(tool_target, tool_tokenizer, tool_draft, method="full")
 
 
 CALL_BLOCK = '<tool_call>\n{"name": "retrieve", "arguments": {"query": "vault"}}\n</tool_call>'
@@ -87,7 +88,9 @@ def _rendered(tokenizer: Any, history: list[BaseMessage]) -> str:
     """What the chat template makes of ``history`` with the retrieve tool."""
     messages = chat_module._to_chat(history)
     tools = [convert_to_openai_tool(retrieve)]
-    return str(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True))
+    return str(
+        tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    )
 
 
 class _Prefill:
@@ -178,7 +181,11 @@ def test_profile_says_tools_where_the_template_renders_them(chat: ChatSpecKV) ->
 # -- calls out --------------------------------------------------------------------------------
 
 
-def test_a_forced_call_comes_back_as_a_tool_call_with_valid_arguments(chat: ChatSpecKV) -> None:
+@pytest.mark.parametrize("method", ["full", "speckv"])
+def test_a_forced_call_comes_back_as_a_tool_call_with_valid_arguments(
+    tool_target: Any, tool_tokenizer: Any, tool_draft: Any, method: str
+) -> None:
+    chat = _chat(tool_target, tool_tokenizer, tool_draft, method=method)
     message = chat.bind_tools([Add, retrieve], tool_choice="Add").invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage)
     assert len(message.tool_calls) == 1
@@ -273,7 +280,10 @@ def test_a_tool_result_is_answered_and_its_content_is_in_the_prompt(
     prompt = tool_tokenizer.decode(prefill.inputs[0])
     assert prompt == _rendered(tool_tokenizer, _history())
     assert f"<tool_response>\n{FACT}\n</tool_response>" in prompt
-    assert CALL_BLOCK in prompt and '"name": "retrieve", "description": "Look up documents about a topic."' in prompt
+    assert (
+        CALL_BLOCK in prompt
+        and '"name": "retrieve", "description": "Look up documents about a topic."' in prompt
+    )
 
 
 @pytest.mark.parametrize("method", ["specpc", "speckv-pc"])
