@@ -210,8 +210,9 @@ class ChatSpecKV(BaseChatModel):
                 calls are decoded under the tool's JSON schema, so their arguments always parse.
             **kwargs: other options bound to every call (e.g. ``max_tokens``).
 
-        The calls come back as ``AIMessage.tool_calls``; streamed, the reply comes as one chunk
-        at the end with its ``tool_call_chunks``. Raises ``ToolsNotSupportedError`` when the
+        The calls come back as ``AIMessage.tool_calls``; streamed, the text comes as it is
+        written up to a call's opening tag, and the calls as ``tool_call_chunks`` of the last
+        chunk. Raises ``ToolsNotSupportedError`` when the
         target's chat template cannot render tools (here if the model is loaded, else at the
         first call).
         """
