@@ -40,7 +40,7 @@ def test_agent_calls_the_retriever_tool_and_answers_with_the_planted_fact(
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
-        notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+        notebook, kernel_name="python3", timeout=1200, resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
 
     outputs = [_text_outputs(c) for c in notebook.cells if c.cell_type == "code"]
