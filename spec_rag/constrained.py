@@ -270,6 +270,14 @@ class Constraint:
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         return cls._cached(tokenizer, grammar, eos_token_ids)
 
+    @classmethod
+    def lark(
+        cls, tokenizer: Any, grammar: str, *, eos_token_ids: int | Sequence[int] | None = None
+    ) -> Constraint:
+        """Outputs of a Lark grammar in llguidance's dialect (``start: ...``; ``%json {...}``
+        embeds a JSON schema, ``<[id]>`` names a token), e.g. ``'start: "Answer: " /[0-9]+/'``."""
+        return cls._cached(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), eos_token_ids)
+
     def new_state(self) -> ConstraintState:
         """A fresh state for one request (a copy of the compiled matcher: microseconds)."""
         with self._template_lock:
@@ -323,17 +331,20 @@ class ConstraintState:
 
     def count_accepted(self, token_ids: Sequence[int]) -> int:
         """How many of ``token_ids`` (a drafted continuation) the grammar accepts in a row from
-        here, each where :meth:`mask_logits` would allow it; the state does not move."""
-        consumed = accepted = 0
+        here, each where :meth:`mask_logits` would allow it; the state does not move.
+
+        The tokens are tried on a copy of the matcher (microseconds), not consumed and rolled
+        back: llguidance 1.9 can serve a stale mask after a rollback past a mask it computed."""
+        accepted = 0
+        trial = ConstraintState(self.constraint, self._matcher.deep_copy())
+        trial._allowed, trial._ended = self._allowed, self._ended
         for token in token_ids:
-            if not self.accepts(token):
+            if not trial.accepts(token):
                 break
             accepted += 1
             if int(token) in self.constraint.eos_token_ids:
                 break
-            self._consume(int(token))
-            consumed += 1
-        self.rollback(consumed)
+            trial._consume(int(token))
         return accepted
 
     def advance(self, token_id: int) -> None:

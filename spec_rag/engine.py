@@ -242,7 +242,7 @@ class SpecEngine:
         seed: int | None = ...,
         stop: Sequence[str] | str | None = ...,
         tools: Sequence[Mapping[str, Any]] | None = ...,
-        tool_choice: str | None = ...,
+        tool_choice: str | Mapping[str, Any] | None = ...,
         response_format: ResponseFormat | None = ...,
         constraint: Constraint | None = ...,
     ) -> Generation: ...
@@ -259,7 +259,7 @@ class SpecEngine:
         seed: int | None = ...,
         stop: Sequence[str] | str | None = ...,
         tools: Sequence[Mapping[str, Any]] | None = ...,
-        tool_choice: str | None = ...,
+        tool_choice: str | Mapping[str, Any] | None = ...,
         response_format: ResponseFormat | None = ...,
         constraint: Constraint | None = ...,
     ) -> list[Generation]: ...
@@ -275,7 +275,7 @@ class SpecEngine:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | None = None,
         constraint: Constraint | None = None,
     ) -> Generation | list[Generation]:
@@ -303,7 +303,7 @@ class SpecEngine:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | None = None,
         constraint: Constraint | None = None,
     ) -> GenerationStream:
@@ -356,7 +356,7 @@ class SpecEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | None = None,
         constraint: Constraint | None = None,
     ) -> Generation:
@@ -434,7 +434,7 @@ class SpecEngine:
     def _structure(
         self,
         tools: Sequence[Mapping[str, Any]] | None,
-        tool_choice: str | None,
+        tool_choice: str | Mapping[str, Any] | None,
         response_format: ResponseFormat | None,
         constraint: Constraint | None,
     ) -> _Structure:
@@ -542,7 +542,8 @@ class SpecEngine:
                 break
         content, calls = text.text, list[ToolCall]()
         if tools:
-            content, calls = parse_tool_calls(text.text, self.tokenizer)
+            names = [tool_name(t) for t in structure.tools or []]
+            content, calls = parse_tool_calls(text.text, self.tokenizer, tool_names=names)
             if structure.tool_choice == "none":
                 calls = []
             tail = content[text.emitted :] if content.startswith(text.text[: text.emitted]) else ""

@@ -18,6 +18,7 @@ from spec_rag._prompt import (
     Prompt,
     Span,
     TrustedPrompt,
+    call_argument_spans,
     check_fits,
     check_input_chars,
     check_input_tokens,
@@ -77,13 +78,22 @@ def select_tokens(
     )
 
 
-def template_tokens(offsets: Sequence[tuple[int, int]], content: Sequence[Span]) -> torch.Tensor:
-    """``[L]`` bool: tokens outside every ``content`` span, i.e. the chat template's own text."""
+def tool_structure_tokens(prompt: Prompt, enc: Mapping[str, Any]) -> torch.Tensor | None:
+    """``[L]`` bool: the tokens of a tool prompt SpecPC never cuts (``None`` for other prompts):
+    the chat template's own text (tool definitions, call and result tags) and the JSON of the
+    assistant's earlier calls, i.e. everything but the message contents and tool results.
+    ``enc`` is :func:`encode_prompt`'s output with offsets."""
+    if not has_tool_structure(prompt):
+        return None
+    offsets = enc["offsets"]
     inside = torch.zeros(len(offsets), dtype=torch.bool)
-    for start, end in content:
+    for start, end in enc["content"]:
         inside |= _tokens_within(offsets, start, end)
+    calls = torch.zeros(len(offsets), dtype=torch.bool)
+    for start, end in call_argument_spans(enc["text"], prompt):  # type: ignore[arg-type]
+        calls |= _tokens_within(offsets, start, end)
     spans = torch.tensor(offsets, dtype=torch.long).reshape(-1, 2)  # [L, 2]
-    return ~inside & (spans[:, 1] > spans[:, 0])
+    return (~inside | calls) & (spans[:, 1] > spans[:, 0])
 
 
 @dataclass
@@ -256,7 +266,7 @@ class SpecPC:
         A chat with tools, tool calls or tool results keeps its template's text whole (tool
         definitions, call and result tags): only message contents, tool results included, are cut."""
         enc = encode_prompt(self.tokenizer, prompt, offsets=True, max_tokens=self.max_input_tokens)
-        protected = template_tokens(enc["offsets"], enc["content"]) if has_tool_structure(prompt) else None
+        protected = tool_structure_tokens(prompt, enc)
         compression = self.compress_encoded(
             enc["text"],
             enc["input_ids"],

@@ -42,6 +42,7 @@ __all__ = [
 HERMES_TAGS = ("<tool_call>\n", "\n</tool_call>")
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _UNCLOSED = re.compile(r"<tool_call>\s*(\{.*\})\s*$", re.DOTALL)
+_FENCED = re.compile(r"^```(?:json)?\s*(\{.*\})\s*```$", re.DOTALL)
 _PROBE_NAME = "spec_rag_probe_tool"
 _PROBE_CONTENT = "spec_rag_probe_result"
 
@@ -103,11 +104,17 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def check_tool_choice(tool_choice: str | None, tools: Sequence[Mapping[str, Any]] | None) -> str | None:
+def check_tool_choice(
+    tool_choice: str | Mapping[str, Any] | None, tools: Sequence[Mapping[str, Any]] | None
+) -> str | None:
     """``tool_choice`` checked against ``tools``: ``None``/"auto", "none", "required" ("any" is
-    its alias) or one tool's name."""
+    its alias) or one tool's name (also as OpenAI's ``{"type": "function", "function": {"name":
+    ...}}``). Returns "auto", "none", "required" or the name."""
     if tool_choice is None:
         return None
+    if isinstance(tool_choice, Mapping):
+        spec = tool_choice.get("function", tool_choice)
+        tool_choice = spec.get("name") if isinstance(spec, Mapping) else None
     if not isinstance(tool_choice, str):
         raise InvalidInputError(
             f"tool_choice must be 'auto', 'none', 'required' or a tool's name, got {tool_choice!r}"
@@ -209,13 +216,17 @@ def _call_from_json(payload: str) -> ToolCall | None:
     )
 
 
-def parse_tool_calls(text: str, tokenizer: Any = None) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(
+    text: str, tokenizer: Any = None, *, tool_names: Sequence[str] | None = None
+) -> tuple[str, list[ToolCall]]:
     """The content of ``text`` with its tool-call blocks removed, and the calls in order.
 
     Reads the format of ``tokenizer``'s template (Qwen2.5 / Hermes ``<tool_call>`` JSON blocks;
     a template without tags: the whole answer as one JSON call). A block whose JSON does not
     parse, or is not ``{"name": str, "arguments": {...}}``, stays in the content as written. A
     last block the model did not close (it stopped after the JSON) counts when its JSON parses.
+    With ``tool_names``, an answer that is nothing but one such JSON object (bare or in a
+    fenced code block, as small coder models write calls) naming one of those tools is a call too.
     """
     if tokenizer is not None and tool_call_tags(tokenizer) is None and supports_tools(tokenizer):
         call = _call_from_json(text.strip())
@@ -238,6 +249,12 @@ def parse_tool_calls(text: str, tokenizer: Any = None) -> tuple[str, list[ToolCa
             calls.append(call)
             rest = rest[: unclosed.start()]
     kept.append(rest)
+    if not calls and tool_names:
+        stripped = text.strip()
+        fenced = _FENCED.match(stripped)
+        call = _call_from_json(fenced.group(1) if fenced else stripped)
+        if call is not None and call.name in tool_names:
+            return "", [call]
     if not calls:
         return text, []
     return "\n".join(part.strip() for part in kept if part.strip()), calls

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from spec_rag._prompt import Prompt, TrustedPrompt, encode_prompt, has_tool_structure, is_messages
+from spec_rag._prompt import Prompt, TrustedPrompt, encode_prompt, is_messages
 from spec_rag.config import SpecPCConfig
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
 from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt
 from spec_rag.methods.full import Full
-from spec_rag.specpc import SpecPC, check_capacity, template_tokens
+from spec_rag.specpc import SpecPC, check_capacity, tool_structure_tokens
 
 
 @dataclass
@@ -79,9 +79,7 @@ class SpecPCMethod(Method):
             input_ids=enc["input_ids"],
             offsets=list(enc["offsets"]),
             scores=scores,
-            protected=template_tokens(enc["offsets"], enc["content"])
-            if has_tool_structure(request.prompt)
-            else None,
+            protected=tool_structure_tokens(request.prompt, enc),
         )
 
     def cut(self, scored: ScoredTokens, budget: int, stats: GenerationStats) -> torch.Tensor:
