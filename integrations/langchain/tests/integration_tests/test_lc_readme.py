@@ -28,7 +28,8 @@ def _run(blocks: list[str], model: str) -> str:
             "qwen2.5-coder-0.5b-instruct", model
         )
         with contextlib.redirect_stdout(out):
-            exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+            # dont_inherit: this file's `from __future__ import annotations` must not reach the README code
+            exec(compile(code, str(README), "exec", dont_inherit=True), {"__name__": "readme"})
     return out.getvalue()
 
 
