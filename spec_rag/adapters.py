@@ -33,6 +33,7 @@ A prompt string you templated yourself goes in as :class:`~spec_rag.TrustedPromp
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -48,6 +49,7 @@ from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
 from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, check_model_source
 from spec_rag.specpc import DocumentCompression, SpecPC
+from spec_rag.tools import ToolsNotSupportedError, check_tool_choice, normalize_tools, supports_tools
 
 __all__ = [
     "DEFAULT_DRAFT",
@@ -69,11 +71,15 @@ __all__ = [
     "TopK",
     "TopP",
     "Window",
+    "assistant_turn",
     "ceiling",
     "draft_source",
     "engine_source",
     "in_threads",
     "sampling_options",
+    "tool_choice",
+    "tool_options",
+    "tool_turn",
     "usage",
 ]
 
@@ -318,33 +324,57 @@ class LazyEngine:
         """The target's tokenizer (loads the models on first use when they were given by name)."""
         return self.source.tokenizer if self.source.tokenizer is not None else self.get().tokenizer
 
+    def tokenizer_at_hand(self) -> Any:
+        """The target's tokenizer if it is at hand without loading, else None."""
+        if self.source.tokenizer is not None:
+            return self.source.tokenizer
+        return self._engine.tokenizer if self._engine is not None else None
+
+    def check_tools(self) -> None:
+        """Raise :class:`~spec_rag.tools.ToolsNotSupportedError` now if the target's chat
+        template cannot render tools and its tokenizer is at hand; a model given by name is
+        checked when it is loaded, at the first call."""
+        tokenizer = self.tokenizer_at_hand()
+        if tokenizer is not None and not supports_tools(tokenizer):
+            raise ToolsNotSupportedError(
+                f"{self.source.owner}: the chat template of {self.model_name()!r} has no tool support, "
+                "so it cannot be given tools. Use a model whose template renders tools (e.g. the "
+                f"Qwen2.5-Coder pair, model={DEFAULT_TARGET!r} with draft={DEFAULT_DRAFT!r}), or for a "
+                "typed answer use structured output through a JSON schema (response_format), which "
+                "any template takes."
+            )
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` under the target's tokenizer (no special tokens added)."""
         return list(self.tokenizer().encode(text, add_special_tokens=False))
 
-    def count_tokens(self, prompt: str | Sequence[Mapping[str, str]]) -> int:
+    def count_tokens(
+        self, prompt: str | Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> int:
         """Tokens the target reads for ``prompt``: a text as-is, chat messages through the chat
-        template with the assistant's turn opened, as the engine feeds them."""
+        template (with ``tools``, if any) and the assistant's turn opened, as the engine feeds
+        them."""
         if isinstance(prompt, str):
             return len(self.tokenize(prompt)) if prompt else 0
         if not prompt:
             return 0
-        encoded = encode_prompt(self.tokenizer(), [dict(m) for m in prompt], max_tokens=None)
+        messages = [dict(m) for m in prompt]
+        encoded = encode_prompt(self.tokenizer(), messages, max_tokens=None, tools=tools)
         return int(encoded["input_ids"].numel())
 
-    def _check(self, prompt: str | list[dict[str, str]]) -> None:
+    def _check(self, prompt: str | list[dict[str, Any]]) -> None:
         if not isinstance(prompt, str) and len(prompt) == 0:
             raise InvalidInputError(
                 f"{self.source.owner} got no messages; pass at least one chat message (or a text) to answer."
             )
 
-    def generate(self, prompt: str | list[dict[str, str]], options: Mapping[str, Any]) -> Generation:
+    def generate(self, prompt: str | list[dict[str, Any]], options: Mapping[str, Any]) -> Generation:
         self._check(prompt)
         generation = self.get().generate(prompt, **options)
         assert isinstance(generation, Generation)
         return generation
 
-    def stream(self, prompt: str | list[dict[str, str]], options: Mapping[str, Any]) -> Iterator[Delta]:
+    def stream(self, prompt: str | list[dict[str, Any]], options: Mapping[str, Any]) -> Iterator[Delta]:
         """The answer as deltas; the last one carries the finished generation (and the last text).
 
         The prompt is checked and the models loaded here, before the first ``next``. Each delta
@@ -563,3 +593,87 @@ class DocumentCompressor:
                 budget,
             )
         return parts
+
+
+# -- tool calling and structured output ---------------------------------------------------------
+def tool_choice(owner: str, choice: Any, tools: Sequence[Mapping[str, Any]]) -> str | None:
+    """The engine's ``tool_choice`` for what a framework user passed.
+
+    ``None``, ``False`` and ``"auto"``: the model may call a tool (``None``); ``"none"``: the
+    tools are shown but no call is made; ``"required"``, ``"any"`` and ``True``: exactly one call
+    of one of the tools (``"required"``); a tool's name, or ``{"type": "function", "function":
+    {"name": ...}}``: a call of that tool (its name).
+    """
+    if choice is None or choice is False or choice == "auto":
+        return None
+    if choice is True:
+        choice = "required"
+    elif isinstance(choice, Mapping):
+        function = choice.get("function", choice)
+        choice = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(choice, str):
+        raise InvalidInputError(
+            f"{owner} got tool_choice={choice!r}; use 'auto', 'none', 'required' (or 'any'), True, a tool's "
+            "name, or {'type': 'function', 'function': {'name': ...}}."
+        )
+    return check_tool_choice(choice, tools)
+
+
+def tool_options(
+    owner: str,
+    *,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    choice: Any = None,
+    response_format: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The engine's ``tools`` / ``tool_choice`` / ``response_format`` arguments of one call
+    (only those that are set), checked."""
+    options: dict[str, Any] = {}
+    if tools:
+        options["tools"] = normalize_tools(tools)
+    forced = tool_choice(owner, choice, tools or [])
+    if forced is not None:
+        options["tool_choice"] = forced
+    if response_format is not None:
+        if forced in (None, "none"):
+            options["response_format"] = response_format
+        else:
+            raise InvalidInputError(
+                f"{owner} got response_format with tool_choice={choice!r}: a forced tool call is "
+                "already structured. Pass one of the two."
+            )
+    return options
+
+
+def assistant_turn(text: str, calls: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
+    """An assistant message for the chat template: its text and its tool calls, each given as
+    ``(id, name, arguments)`` with the arguments a dict (or its JSON text)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": _arguments(args)}}
+            for call_id, name, args in calls
+        ]
+    return message
+
+
+def tool_turn(text: str, tool_call_id: str | None, name: str | None = None) -> dict[str, Any]:
+    """A tool's result for the chat template (role ``tool``)."""
+    message: dict[str, Any] = {"role": "tool", "content": text}
+    if tool_call_id:
+        message["tool_call_id"] = tool_call_id
+    if name:
+        message["name"] = name
+    return message
+
+
+def _arguments(args: Any) -> dict[str, Any]:
+    # Templates render the arguments with `tojson`: a JSON string would be quoted twice.
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"a tool call's arguments are not JSON: {args!r} ({err}).") from err
+    if not isinstance(args, Mapping):
+        raise InvalidInputError(f"a tool call's arguments must be a JSON object; got {args!r}.")
+    return dict(args)

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams, ModelProfile
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput, ModelProfile
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import tool_call, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
-from spec_rag import Generation, SpecEngine
+from spec_rag import Generation, SpecEngine, supports_tools
 from spec_rag import adapters as core
 
 _ROLES = {"system": "system", "developer": "system", "human": "user", "ai": "assistant"}
+# Content blocks of an AI message that repeat its tool calls (Anthropic's, LangChain's v1).
+_CALL_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call")
 _METHOD_FIELDS = ("max_capacity_prompt", "window_size", "prompt_capacity", "lookahead_tokens")
 
 
@@ -60,7 +71,12 @@ class ChatSpecKV(BaseChatModel):
     ``get_num_tokens`` and ``get_num_tokens_from_messages`` count with the target's own
     tokenizer and chat template, so ``trim_messages(..., token_counter=llm)`` trims to what the
     model reads. A stream's last chunk carries the last text, the usage and the statistics.
-    Tool calling, structured output and non-text inputs are not supported.
+
+    ``bind_tools`` and ``with_structured_output`` work as with ``ChatOpenAI``: tools are
+    rendered by the target's chat template (the Qwen2.5 templates have them; SmolLM2's has
+    not), calls come back as ``AIMessage.tool_calls`` and go in again with ``ToolMessage``
+    results, which the method compresses like any other text. Forced calls and JSON answers
+    are decoded under their schema. Non-text inputs are not supported.
 
     Example:
         .. code-block:: python
@@ -131,7 +147,7 @@ class ChatSpecKV(BaseChatModel):
         return self
 
     def _resolve_model_profile(self) -> ModelProfile | None:
-        return ModelProfile(
+        profile = ModelProfile(
             open_weights=True,
             text_inputs=True,
             text_outputs=True,
@@ -140,9 +156,13 @@ class ChatSpecKV(BaseChatModel):
             pdf_inputs=False,
             audio_inputs=False,
             video_inputs=False,
-            tool_calling=False,
-            tool_choice=False,
+            structured_output=True,
         )
+        # Tools need a chat template that renders them: known here only for a loaded tokenizer.
+        tokenizer = self.tokenizer if self.engine is None else self.engine.tokenizer
+        if tokenizer is not None:
+            profile["tool_calling"] = profile["tool_choice"] = supports_tools(tokenizer)
+        return profile
 
     @property
     def model_name(self) -> str:
@@ -171,20 +191,96 @@ class ChatSpecKV(BaseChatModel):
             params["ls_stop"] = list(stop or self.stop or [])
         return params
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "ChatSpecKV does not support tool calling: it runs a local model through a plain chat "
-            "template. Use a tool-calling chat model for agents, and ChatSpecKV for answering over "
-            "long retrieved context."
-        )
+    # -- tools and structured output ----------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: dict[str, Any] | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools for the target's chat template to show and the model to call.
 
-    def with_structured_output(self, schema: Any = None, *, include_raw: bool = False, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "ChatSpecKV does not support structured output (json_schema, json_mode or function "
-            "calling): it decodes free text and does not constrain it to a schema. Ask for JSON in "
-            "the prompt and parse the answer (e.g. with JsonOutputParser), or use a chat model that "
-            "supports structured output."
-        )
+        Args:
+            tools: anything ``convert_to_openai_tool`` takes: ``@tool`` functions and other
+                ``BaseTool``s, pydantic models, TypedDicts, functions, OpenAI tool dicts.
+            tool_choice: ``None`` / ``"auto"``: the model may call tools; ``"none"``: it may not;
+                ``"any"`` / ``"required"`` / ``True``: exactly one call; a tool's name or
+                ``{"type": "function", "function": {"name": ...}}``: a call of that tool. Forced
+                calls are decoded under the tool's JSON schema, so their arguments always parse.
+            **kwargs: other options bound to every call (e.g. ``max_tokens``).
+
+        The calls come back as ``AIMessage.tool_calls``; streamed, the text comes as it is
+        written up to a call's opening tag, and the calls as ``tool_call_chunks`` of the last
+        chunk. Raises ``ToolsNotSupportedError`` when the
+        target's chat template cannot render tools (here if the model is loaded, else at the
+        first call).
+        """
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        self._core.check_tools()
+        options = core.tool_options("ChatSpecKV", tools=formatted, choice=tool_choice)
+        return super().bind(**options, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """A runnable that answers with an instance of ``schema``.
+
+        Args:
+            schema: a pydantic model (answers are instances of it), a TypedDict or a JSON schema
+                (answers are dicts); ``method="json_mode"`` needs none.
+            method: ``"function_calling"`` (default): one forced call of a tool whose parameters
+                are the schema, which the chat template shows the model with its descriptions;
+                needs a template with tools. ``"json_schema"``: the answer itself is decoded
+                under the schema, with any template. ``"json_mode"``: any JSON object. All three
+                are constrained by a grammar, so the JSON always parses.
+            include_raw: answer ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``.
+            strict: accepted for compatibility; decoding follows the schema in every case.
+        """
+        del strict  # constrained decoding always follows the schema
+        if kwargs:
+            raise ValueError(f"ChatSpecKV.with_structured_output got unsupported arguments {sorted(kwargs)}.")
+        if schema is None and method != "json_mode":
+            raise ValueError(
+                f"with_structured_output(method={method!r}) needs a schema: a pydantic model, a TypedDict or "
+                "a JSON schema dict (method='json_mode' takes none)."
+            )
+        pydantic_schema = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"kwargs": {"method": method}, "schema": schema}
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=traced)
+            parser = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if pydantic_schema
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            response_format = (
+                convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
+            )
+            options = core.tool_options("ChatSpecKV", response_format=response_format)
+            if schema is not None:
+                options["ls_structured_output_format"] = traced
+            llm = self.bind(**options)
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic_schema else JsonOutputParser()  # type: ignore[arg-type]
+        else:
+            raise ValueError(
+                f"unknown structured output method {method!r}; use 'function_calling', 'json_schema' or "
+                "'json_mode'."
+            )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([failed], exception_key="parsing_error")
 
     # -- token counting (the target's tokenizer and chat template; no download) ----------------
     def get_num_tokens(self, text: str) -> int:
@@ -193,9 +289,8 @@ class ChatSpecKV(BaseChatModel):
     def get_num_tokens_from_messages(
         self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
     ) -> int:
-        if tools:
-            raise NotImplementedError("ChatSpecKV does not support tool calling, so it counts no tools.")
-        return self._core.count_tokens(_to_chat(messages))
+        formatted = [convert_to_openai_tool(tool) for tool in tools or []]
+        return self._core.count_tokens(_to_chat(messages), tools=formatted or None)
 
     def get_token_ids(self, text: str) -> list[int]:
         return self._core.tokenize(text)
@@ -203,7 +298,7 @@ class ChatSpecKV(BaseChatModel):
     # -- generation -----------------------------------------------------------------------------
     def _request(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Chat messages for the engine, and its generation options (instance + per call)."""
         override = kwargs.pop("model", None)
         if override is not None and override != self.model_name:
@@ -214,7 +309,13 @@ class ChatSpecKV(BaseChatModel):
         kwargs.pop("stream", None)  # set by LangChain's streaming plumbing, not a model option
         defaults = {"max_new_tokens": self.max_tokens, **{n: getattr(self, n) for n in core.SAMPLING_FIELDS}}
         kwargs["stop"] = [*(self.stop or []), *(stop or []), *(kwargs.get("stop") or [])]
-        return _to_chat(messages), core.sampling_options("ChatSpecKV", defaults, kwargs)
+        tools = core.tool_options(
+            "ChatSpecKV",
+            tools=kwargs.pop("tools", None),
+            choice=kwargs.pop("tool_choice", None),
+            response_format=kwargs.pop("response_format", None),
+        )
+        return _to_chat(messages), {**core.sampling_options("ChatSpecKV", defaults, kwargs), **tools}
 
     def _metadata(self, generation: Generation) -> tuple[UsageMetadata, dict[str, Any]]:
         counts = core.usage(generation)
@@ -239,8 +340,12 @@ class ChatSpecKV(BaseChatModel):
     ) -> ChatResult:
         generation = self._core.generate(*self._request(messages, stop, kwargs))
         usage_metadata, response = self._metadata(generation)
+        calls = [tool_call(name=c.name, args=c.arguments, id=c.id) for c in generation.tool_calls]
         message = AIMessage(
-            content=generation.text, usage_metadata=usage_metadata, response_metadata=response
+            content=generation.text,
+            tool_calls=calls,
+            usage_metadata=usage_metadata,
+            response_metadata=response,
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
@@ -248,8 +353,13 @@ class ChatSpecKV(BaseChatModel):
         if delta.generation is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=delta.text))
         usage_metadata, response = self._metadata(delta.generation)
+        calls = [
+            tool_call_chunk(name=c.name, args=json.dumps(c.arguments, ensure_ascii=False), id=c.id, index=i)
+            for i, c in enumerate(delta.generation.tool_calls)
+        ]
         message = AIMessageChunk(
             content=delta.text,
+            tool_call_chunks=calls,
             usage_metadata=usage_metadata,
             response_metadata=response,
             chunk_position="last",
@@ -286,21 +396,27 @@ class ChatSpecKV(BaseChatModel):
             yield chunk
 
 
-def _to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
-    """LangChain messages as ``{"role", "content"}`` dicts for the tokenizer's chat template."""
+def _to_chat(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as message dicts for the tokenizer's chat template: ``{"role",
+    "content"}``, an AI message's ``tool_calls``, a tool message's ``tool_call_id`` and name."""
     chat = []
     for message in messages:
+        if isinstance(message, ToolMessage):
+            chat.append(core.tool_turn(_text(message), message.tool_call_id, message.name))
+            continue
+        if isinstance(message, AIMessage) and message.tool_calls:
+            calls = [(c["id"], c["name"], c["args"]) for c in message.tool_calls]
+            chat.append(core.assistant_turn(_text(message), calls))
+            continue
         if isinstance(message, ChatMessage):
             role = message.role
         elif message.type in _ROLES:
             role = _ROLES[message.type]
         else:
             raise ValueError(
-                f"ChatSpecKV cannot take a {type(message).__name__}: it supports system, human, ai and "
-                "chat messages (no tool calling)."
+                f"ChatSpecKV cannot take a {type(message).__name__}: it takes system, human, ai, tool and "
+                "chat messages."
             )
-        if isinstance(message, AIMessage) and message.tool_calls:
-            raise ValueError("ChatSpecKV does not support tool calling; drop the AI message's tool_calls.")
         chat.append({"role": role, "content": _text(message)})
     return chat
 
@@ -314,6 +430,8 @@ def _text(message: BaseMessage) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") == "text":
             parts.append(str(block.get("text", "")))
+        elif isinstance(message, AIMessage) and isinstance(block, dict) and block.get("type") in _CALL_BLOCKS:
+            continue  # the same calls are in message.tool_calls
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(f"ChatSpecKV takes text only; got a {kind!r} content block.")

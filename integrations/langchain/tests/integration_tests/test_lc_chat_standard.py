@@ -1,4 +1,6 @@
-"""langchain-tests' standard integration suite for ChatSpecKV on SmolLM2-135M (target and draft)."""
+"""langchain-tests' standard integration suite for ChatSpecKV: SmolLM2-135M (target and draft; its
+chat template has no tools) in every run, the Qwen2.5-Coder pair with tools and structured output
+on with `-m slow`."""
 
 from __future__ import annotations
 
@@ -84,4 +86,38 @@ class TestChatSpecKVIntegration(ChatModelIntegrationTests):
 
     @property
     def returns_usage_metadata(self) -> bool:
+        return True
+
+
+@pytest.mark.slow
+class TestChatSpecKVQwenIntegration(TestChatSpecKVIntegration):
+    """The Qwen2.5-Coder pair, whose chat template renders tools: the suite with tool calling,
+    tool choice, structured output and JSON mode on."""
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # A joke in a tool call takes up to ~80 tokens; the draft looks 16 tokens ahead.
+        return {
+            "model": "qwen2.5-coder-1.5b-instruct",
+            "draft": "qwen2.5-coder-0.5b-instruct",
+            "method": "speckv",
+            "max_capacity_prompt": 256,
+            "lookahead_tokens": 16,
+            "max_tokens": 96,
+        }
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
         return True

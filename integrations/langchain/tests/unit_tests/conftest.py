@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from spec_rag.testing import tiny_model, tiny_tokenizer
+from spec_rag.testing import tiny_model, tiny_tokenizer, tiny_tools_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,9 @@ def target(tokenizer: PreTrainedTokenizerFast) -> Any:
 @pytest.fixture(scope="session")
 def draft(tokenizer: PreTrainedTokenizerFast) -> Any:
     return tiny_model(tokenizer, seed=2, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tool_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer with a Qwen2.5-style chat template that renders tools."""
+    return tiny_tools_tokenizer()

@@ -9,7 +9,14 @@ from typing import Any
 import langchain_spec_rag.chat_models as chat_module
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    FunctionMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_spec_rag import ChatSpecKV
 
 from spec_rag import InputTooLargeError, SpecEngine, SpecKVConfig
@@ -115,12 +122,7 @@ def test_engine_fixes_the_method(target: Any, tokenizer: Any, draft: Any) -> Non
     )
 
 
-def test_tool_calling_is_refused_with_an_explanation(chat: ChatSpecKV) -> None:
-    with pytest.raises(NotImplementedError, match="does not support tool calling"):
-        chat.bind_tools([])
-
-
-def test_profile_declares_text_only_without_tools(chat: ChatSpecKV) -> None:
+def test_profile_declares_text_only_and_no_tools_for_a_template_without_them(chat: ChatSpecKV) -> None:
     assert chat.profile is not None
     assert chat.profile["tool_calling"] is False and chat.profile["image_inputs"] is False
 
@@ -205,8 +207,12 @@ def test_non_text_inputs_are_refused(chat: ChatSpecKV) -> None:
     image = HumanMessage(content=[{"type": "image", "url": "https://example.com/a.png"}])
     with pytest.raises(ValueError, match="text only"):
         chat.invoke([image])
-    with pytest.raises(ValueError, match="no tool calling"):
-        chat.invoke([HumanMessage("hi"), ToolMessage("42", tool_call_id="1")])
+    with pytest.raises(ValueError, match="FunctionMessage"):
+        chat.invoke([HumanMessage("hi"), FunctionMessage("42", name="f")])
+    with pytest.raises(ValueError, match="text only"):
+        chat.invoke(
+            [HumanMessage("hi"), ToolMessage([{"type": "image", "url": "https://x/a.png"}], tool_call_id="1")]
+        )
 
 
 def test_stop_strings_of_instance_and_call_both_apply(chat: ChatSpecKV) -> None:

@@ -1,4 +1,5 @@
-"""langchain-tests' standard unit suite for ChatSpecKV (construction and parameters; no model runs)."""
+"""langchain-tests' standard unit suite for ChatSpecKV with its default flags (construction,
+parameters, binding tools and structured output; no model runs)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,6 @@ class TestChatSpecKVUnit(ChatModelUnitTests):
             "draft": "smollm2-135m-instruct",
             "max_capacity_prompt": 256,
         }
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
 
     @property
     def supports_model_override(self) -> bool:
