@@ -37,6 +37,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import EllipsisType
 from typing import Annotated, Any, TypeVar
 
@@ -48,6 +49,7 @@ from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
 from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, check_model_source
 from spec_rag.specpc import DocumentCompression, SpecPC
+from spec_rag.tools import ToolsNotSupportedError, supports_tools
 
 __all__ = [
     "DEFAULT_DRAFT",
@@ -56,6 +58,7 @@ __all__ = [
     "SAMPLING_FIELDS",
     "SOURCE_NAMES",
     "SPLITTER_DEFAULTS",
+    "TOOL_OPTIONS",
     "Budget",
     "Delta",
     "DocumentCompressor",
@@ -73,7 +76,9 @@ __all__ = [
     "draft_source",
     "engine_source",
     "in_threads",
+    "resolve_tool_choice",
     "sampling_options",
+    "split_tool_options",
     "usage",
 ]
 
@@ -270,6 +275,7 @@ class LazyEngine:
         self.source = source
         self._engine = source.engine
         self._lock = threading.Lock()
+        self._tools: bool | None = None  # whether the chat template renders tools, once asked
 
     @property
     def loaded(self) -> SpecEngine | None:
@@ -317,6 +323,41 @@ class LazyEngine:
     def tokenizer(self) -> Any:
         """The target's tokenizer (loads the models on first use when they were given by name)."""
         return self.source.tokenizer if self.source.tokenizer is not None else self.get().tokenizer
+
+    def supports_tools(self) -> bool:
+        """Whether the target's chat template renders tools. A target named but not loaded yet
+        is asked through its tokenizer alone when its files are local (a fetched pack, a
+        directory, a hub-cache copy), so the answer loads no model; else the models load."""
+        if self._tools is None:
+            self._tools = supports_tools(self._template_tokenizer())
+        return self._tools
+
+    def _template_tokenizer(self) -> Any:
+        if self._engine is not None or self.source.tokenizer is not None or self.source.model is None:
+            return self.tokenizer()
+        from transformers import AutoTokenizer
+
+        from spec_rag.models import MARKER_FILE
+        from spec_rag.models.loading import resolve_model_source
+        from spec_rag.models.packs import pack_dir
+
+        source = resolve_model_source(self.source.model)
+        directory = {"pack": pack_dir(source.location), "dir": Path(source.location)}.get(
+            source.kind, source.snapshot
+        )
+        local = directory is not None and (source.kind != "pack" or (directory / MARKER_FILE).is_file())
+        return AutoTokenizer.from_pretrained(str(directory)) if local else self.tokenizer()
+
+    def check_tools(self) -> None:
+        """Raise :class:`~spec_rag.tools.ToolsNotSupportedError` when the target's chat template
+        cannot render tools."""
+        if not self.supports_tools():
+            raise ToolsNotSupportedError(
+                f"{self.source.owner}: the chat template of {self.model_name()!r} has no tool support, "
+                "so it cannot be given tools. Use a target whose template renders tools (e.g. "
+                f"{DEFAULT_TARGET!r} with {DEFAULT_DRAFT!r} as its draft), or ask for a JSON answer "
+                "instead (structured output needs no tools)."
+            )
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` under the target's tokenizer (no special tokens added)."""
@@ -393,6 +434,52 @@ def usage(generation: Generation) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+# -- tool calling and structured output ------------------------------------------------------
+#: Per-call options that go to the engine as they are, beside the sampling ones: the tools the
+#: chat template renders, which call the grammar forces, and the JSON schema of the answer.
+TOOL_OPTIONS = ("tools", "tool_choice", "response_format")
+
+_CHOICE_ALIASES = {"auto": "auto", "none": "none", "required": "required", "any": "required"}
+
+
+def split_tool_options(call: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``call``'s options as (sampling options, engine tool options); ``None`` values are dropped
+    from the tool options, so an unset one keeps the engine's default."""
+    rest = {key: value for key, value in call.items() if key not in TOOL_OPTIONS}
+    tools = {key: call[key] for key in TOOL_OPTIONS if call.get(key) is not None}
+    return rest, tools
+
+
+def resolve_tool_choice(
+    owner: str, choice: Any, names: Sequence[str], *, required: bool = False
+) -> str | None:
+    """The engine's ``tool_choice`` for a framework's: ``None`` (``"required"`` when ``required``,
+    else the model's choice), ``"auto"``, ``"none"``, ``"required"`` / ``"any"`` / ``True``, a
+    tool's name, or an OpenAI-style ``{"type": "function", "function": {"name": ...}}`` (or
+    ``{"name": ...}``). A name must be one of ``names``."""
+    if choice is None or choice is False:
+        return "required" if required else None
+    if choice is True:
+        return "required"
+    name: Any = choice
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else choice.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(
+            f"{owner} got tool_choice={choice!r}; pass 'auto', 'none', 'required' (or 'any'), a tool's "
+            "name, or {'type': 'function', 'function': {'name': ...}}."
+        )
+    if isinstance(choice, str) and choice.lower() in _CHOICE_ALIASES:
+        return _CHOICE_ALIASES[choice.lower()]
+    if name not in names:
+        raise InvalidInputError(
+            f"{owner} got tool_choice={name!r}, which is not one of the tools given "
+            f"({', '.join(names) or 'none'}); name one of them, or pass 'auto' or 'required'."
+        )
+    return name
 
 
 async def in_threads(items: Iterator[T]) -> AsyncIterator[T]:
