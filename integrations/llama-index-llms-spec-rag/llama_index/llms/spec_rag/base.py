@@ -289,10 +289,9 @@ class SpecKVLLM(FunctionCallingLLM):
 
         def gen() -> ChatResponseGen:
             for text, delta in _texts(deltas):
-                if delta.generation is None:
-                    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
-                else:  # the last: the text without tool-call blocks, and the calls
-                    message = _assistant_message(delta.generation)
+                message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+                if delta.generation is not None and delta.generation.tool_calls:
+                    message = _assistant_message(delta.generation)  # the last: the text and the calls
                 yield ChatResponse(message=message, delta=delta.text, **_extras(delta.generation))
 
         return gen()
@@ -554,7 +553,7 @@ def _call_dict(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]
 def _assistant_message(generation: Generation) -> ChatMessage:
     """The assistant's message: its text, then a ``ToolCallBlock`` per call (also in
     ``additional_kwargs["tool_calls"]``, OpenAI's form)."""
-    calls = list(getattr(generation, "tool_calls", None) or [])
+    calls = generation.tool_calls
     if not calls:
         return ChatMessage(role=MessageRole.ASSISTANT, content=generation.text)
     blocks: list[Any] = [TextBlock(text=generation.text)] if generation.text.strip() else []
