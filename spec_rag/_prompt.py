@@ -73,7 +73,7 @@ class ChatWithTools(list):  # type: ignore[type-arg]
         self.tools: list[dict[str, Any]] = [dict(t) for t in tools]
 
 
-def with_tools(messages: Messages, tools: Sequence[Mapping[str, Any]] | None) -> Messages:
+def with_tools(messages: Messages, tools: Sequence[Mapping[str, Any]] | None) -> list[Any]:
     """``messages`` carrying ``tools`` (a :class:`ChatWithTools`), or a plain list without tools."""
     return ChatWithTools(messages, tools) if tools else list(messages)
 
@@ -215,13 +215,13 @@ def _apply_template(
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs))
 
 
-def _argument_spans(text: str, messages: list[dict[str, Any]]) -> list[Span]:
+def call_argument_spans(text: str, messages: Messages) -> list[Span]:
     """Where the earlier tool calls' arguments appear in ``text`` (in order; as ``tojson`` writes
     them): text the model wrote from retrieved content, so untrusted."""
     spans: list[Span] = []
     cursor = 0
     for message in messages:
-        for call in message.get("tool_calls") or []:
+        for call in _normalize_message(message).get("tool_calls") or []:
             arguments = call.get("function", call).get("arguments")
             if not arguments:
                 continue
@@ -242,7 +242,7 @@ def _render_template(
 ) -> tuple[str, list[Span]]:
     text, spans = _render_contents(tokenizer, messages, contents, tools)
     if any(m.get("tool_calls") for m in messages):
-        spans = sorted(spans + _argument_spans(text, messages))
+        spans = sorted(spans + call_argument_spans(text, messages))
     return text, spans
 
 

@@ -270,6 +270,14 @@ class Constraint:
             grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         return cls._cached(tokenizer, grammar, eos_token_ids)
 
+    @classmethod
+    def lark(
+        cls, tokenizer: Any, grammar: str, *, eos_token_ids: int | Sequence[int] | None = None
+    ) -> Constraint:
+        """Outputs of a Lark grammar in llguidance's dialect (``start: ...``; ``%json {...}``
+        embeds a JSON schema, ``<[id]>`` names a token), e.g. ``'start: "Answer: " /[0-9]+/'``."""
+        return cls._cached(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), eos_token_ids)
+
     def new_state(self) -> ConstraintState:
         """A fresh state for one request (a copy of the compiled matcher: microseconds)."""
         with self._template_lock:
@@ -323,17 +331,20 @@ class ConstraintState:
 
     def count_accepted(self, token_ids: Sequence[int]) -> int:
         """How many of ``token_ids`` (a drafted continuation) the grammar accepts in a row from
-        here, each where :meth:`mask_logits` would allow it; the state does not move."""
-        consumed = accepted = 0
+        here, each where :meth:`mask_logits` would allow it; the state does not move.
+
+        The tokens are tried on a copy of the matcher (microseconds), not consumed and rolled
+        back: llguidance 1.9 can serve a stale mask after a rollback past a mask it computed."""
+        accepted = 0
+        trial = ConstraintState(self.constraint, self._matcher.deep_copy())
+        trial._allowed, trial._ended = self._allowed, self._ended
         for token in token_ids:
-            if not self.accepts(token):
+            if not trial.accepts(token):
                 break
             accepted += 1
             if int(token) in self.constraint.eos_token_ids:
                 break
-            self._consume(int(token))
-            consumed += 1
-        self.rollback(consumed)
+            trial._consume(int(token))
         return accepted
 
     def advance(self, token_id: int) -> None:
@@ -373,14 +384,26 @@ class ConstraintState:
 
 
 class Guide:
-    """What a decode loop obeys for one request: a :class:`ConstraintState` (optional) and token
-    ids it must never write (``banned``, e.g. a tool call's opening tag under ``tool_choice="none"``).
+    """What a decode loop obeys for one request.
+
+    ``state`` constrains the whole answer (a JSON schema, a forced tool call): the answer ends
+    when its grammar is complete. ``banned`` token ids are never written (a tool call's opening
+    tag under ``tool_choice="none"``). ``trigger`` = ``(token_id, constraint)`` is a lazy grammar:
+    the answer is free until the model writes ``token_id`` (a tool call's opening tag), then the
+    rest of that call follows ``constraint`` (whose grammar starts with that token); once the call
+    is complete the answer is free again.
     """
 
-    def __init__(self, state: ConstraintState | None = None, banned: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        state: ConstraintState | None = None,
+        banned: Sequence[int] = (),
+        trigger: tuple[int, Constraint] | None = None,
+    ) -> None:
         self.state = state
         self.banned = sorted({int(t) for t in banned})
         self._banned_set = frozenset(self.banned)
+        self.trigger = trigger
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (``[vocab]``) with every forbidden token at -inf."""
@@ -392,21 +415,31 @@ class Guide:
         return logits
 
     def count_accepted(self, token_ids: Sequence[int]) -> int:
-        """How many of ``token_ids`` (drafted) may be written in a row from here."""
-        allowed = len(token_ids)
-        for index, token in enumerate(token_ids):
-            if int(token) in self._banned_set:
-                allowed = index
+        """How many of ``token_ids`` (drafted) may be written in a row from here; nothing moves."""
+        tokens = [int(t) for t in token_ids]
+        for index, token in enumerate(tokens):
+            if token in self._banned_set:
+                tokens = tokens[:index]
                 break
         if self.state is not None:
-            allowed = self.state.count_accepted(list(token_ids[:allowed]))
-        return allowed
+            return self.state.count_accepted(tokens)
+        if self.trigger is None or self.trigger[0] not in tokens:
+            return len(tokens)
+        opening = tokens.index(self.trigger[0])  # free text, then a call under the grammar
+        call = self.trigger[1].new_state()
+        call.advance(tokens[opening])
+        return opening + 1 + call.count_accepted(tokens[opening + 1 :])
 
     def advance(self, token_id: int) -> None:
         if self.state is not None:
             self.state.advance(token_id)
+            if self.trigger is not None and self.state.is_finished:
+                self.state = None  # the call is complete: free again
+        elif self.trigger is not None and int(token_id) == self.trigger[0]:
+            self.state = self.trigger[1].new_state()
+            self.state.advance(token_id)
 
     @property
     def is_finished(self) -> bool:
-        """The grammar is complete and allows nothing more: stop."""
-        return self.state is not None and self.state.is_finished
+        """The answer's grammar is complete and allows nothing more: stop."""
+        return self.trigger is None and self.state is not None and self.state.is_finished

@@ -69,11 +69,13 @@ class _Structure:
     tool_choice: str | None = None
     constraint: Constraint | None = None
     banned: tuple[int, ...] = ()
+    trigger: tuple[int, Constraint] | None = None  # "auto": a call, once opened, follows the grammar
 
     def guide(self) -> Guide | None:
-        if self.constraint is None and not self.banned:
+        if self.constraint is None and not self.banned and self.trigger is None:
             return None
-        return Guide(self.constraint.new_state() if self.constraint is not None else None, self.banned)
+        state = self.constraint.new_state() if self.constraint is not None else None
+        return Guide(state, self.banned, self.trigger)
 
 
 class GenerationStream:
@@ -240,7 +242,7 @@ class SpecEngine:
         seed: int | None = ...,
         stop: Sequence[str] | str | None = ...,
         tools: Sequence[Mapping[str, Any]] | None = ...,
-        tool_choice: str | None = ...,
+        tool_choice: str | Mapping[str, Any] | None = ...,
         response_format: ResponseFormat | None = ...,
         constraint: Constraint | None = ...,
     ) -> Generation: ...
@@ -257,7 +259,7 @@ class SpecEngine:
         seed: int | None = ...,
         stop: Sequence[str] | str | None = ...,
         tools: Sequence[Mapping[str, Any]] | None = ...,
-        tool_choice: str | None = ...,
+        tool_choice: str | Mapping[str, Any] | None = ...,
         response_format: ResponseFormat | None = ...,
         constraint: Constraint | None = ...,
     ) -> list[Generation]: ...
@@ -273,7 +275,7 @@ class SpecEngine:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | None = None,
         constraint: Constraint | None = None,
     ) -> Generation | list[Generation]:
@@ -301,7 +303,7 @@ class SpecEngine:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | None = None,
         constraint: Constraint | None = None,
     ) -> GenerationStream:
@@ -354,7 +356,7 @@ class SpecEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
-        tool_choice: str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
         response_format: ResponseFormat | None = None,
         constraint: Constraint | None = None,
     ) -> Generation:
@@ -432,7 +434,7 @@ class SpecEngine:
     def _structure(
         self,
         tools: Sequence[Mapping[str, Any]] | None,
-        tool_choice: str | None,
+        tool_choice: str | Mapping[str, Any] | None,
         response_format: ResponseFormat | None,
         constraint: Constraint | None,
     ) -> _Structure:
@@ -478,9 +480,20 @@ class SpecEngine:
             if isinstance(err, InvalidInputError):
                 raise
             raise InvalidInputError(str(err)) from err
+        trigger: tuple[int, Constraint] | None = None
         if choice == "none":
             banned = _opening_tag_ids(self.tokenizer)
-        return _Structure(normalized, choice, constraint, banned)
+        elif normalized and constraint is None and choice in (None, "auto"):
+            opening = _opening_tag_ids(self.tokenizer)
+            if opening:  # a one-token tag: once the model opens a call, the call follows the grammar
+                call = Constraint.tool_call(
+                    self.tokenizer,
+                    normalized,
+                    tags=tool_call_tags(self.tokenizer),
+                    eos_token_ids=self._target_eos,
+                )
+                trigger = (opening[0], call)
+        return _Structure(normalized, choice, constraint, banned, trigger)
 
     @staticmethod
     def _drain(stream: GenerationStream, spent: float = 0.0) -> Generation:

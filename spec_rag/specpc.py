@@ -18,6 +18,7 @@ from spec_rag._prompt import (
     Prompt,
     Span,
     TrustedPrompt,
+    call_argument_spans,
     check_fits,
     check_input_chars,
     check_input_tokens,
@@ -25,9 +26,12 @@ from spec_rag._prompt import (
     encode_prompt,
     encode_text,
     eos_ids,
+    has_tool_structure,
     is_messages,
+    prompt_tools,
     render_prompt,
     text_from_spans,
+    with_tools,
 )
 from spec_rag.config import SpecPCConfig
 from spec_rag.errors import InvalidInputError
@@ -39,7 +43,11 @@ DEFAULT_INSTRUCTION = "Answer the question using the documents below."
 
 
 def select_tokens(
-    scores: torch.Tensor, capacity: int, config: SpecPCConfig, special: torch.Tensor | None = None
+    scores: torch.Tensor,
+    capacity: int,
+    config: SpecPCConfig,
+    special: torch.Tensor | None = None,
+    protected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SpecPC's whole-prompt selection with ``config``'s settings: sorted kept positions.
 
@@ -48,14 +56,44 @@ def select_tokens(
         capacity: tokens to keep.
         special: ``[L]`` bool mask of chat-template special tokens; kept when
             ``config.keep_special_tokens`` is on, ignored otherwise.
+        protected: ``[L]`` bool mask of tokens always kept (a tool prompt's template text:
+            tool definitions, call and result tags), whatever the config says.
     """
+    always_keep = special if config.keep_special_tokens else None
+    if protected is not None:
+        count = int(protected.sum())
+        if count > capacity and capacity < scores.numel():
+            raise InvalidInputError(
+                f"the SpecPC budget ({capacity}) is smaller than the chat template's tool structure "
+                f"({count} tokens: tool definitions, call and result tags), which is never cut. "
+                f"Raise max_capacity_prompt above {count}."
+            )
+        always_keep = protected if always_keep is None else always_keep | protected
     return select_prompt_tokens(
         scores,
         capacity,
         window_size=config.window_size,
         neighbor_tokens=config.neighbor_tokens,
-        always_keep=special if config.keep_special_tokens else None,
+        always_keep=always_keep,
     )
+
+
+def tool_structure_tokens(prompt: Prompt, enc: Mapping[str, Any]) -> torch.Tensor | None:
+    """``[L]`` bool: the tokens of a tool prompt SpecPC never cuts (``None`` for other prompts):
+    the chat template's own text (tool definitions, call and result tags) and the JSON of the
+    assistant's earlier calls, i.e. everything but the message contents and tool results.
+    ``enc`` is :func:`encode_prompt`'s output with offsets."""
+    if not has_tool_structure(prompt):
+        return None
+    offsets = enc["offsets"]
+    inside = torch.zeros(len(offsets), dtype=torch.bool)
+    for start, end in enc["content"]:
+        inside |= _tokens_within(offsets, start, end)
+    calls = torch.zeros(len(offsets), dtype=torch.bool)
+    for start, end in call_argument_spans(enc["text"], prompt):  # type: ignore[arg-type]
+        calls |= _tokens_within(offsets, start, end)
+    spans = torch.tensor(offsets, dtype=torch.long).reshape(-1, 2)  # [L, 2]
+    return (~inside | calls) & (spans[:, 1] > spans[:, 0])
 
 
 @dataclass
@@ -223,10 +261,18 @@ class SpecPC:
 
     # -- whole prompts ---------------------------------------------------------------------
     def compress(self, prompt: Prompt, *, max_capacity_prompt: int | None = None) -> Compression:
-        """Compress a prompt: a string (fed as-is) or chat messages (the draft's chat template)."""
+        """Compress a prompt: a string (fed as-is) or chat messages (the draft's chat template).
+
+        A chat with tools, tool calls or tool results keeps its template's text whole (tool
+        definitions, call and result tags): only message contents, tool results included, are cut."""
         enc = encode_prompt(self.tokenizer, prompt, offsets=True, max_tokens=self.max_input_tokens)
+        protected = tool_structure_tokens(prompt, enc)
         compression = self.compress_encoded(
-            enc["text"], enc["input_ids"], enc["offsets"], max_capacity_prompt=max_capacity_prompt
+            enc["text"],
+            enc["input_ids"],
+            enc["offsets"],
+            max_capacity_prompt=max_capacity_prompt,
+            protected=protected,
         )
         if is_messages(prompt):
             compression.messages = self._compressed_messages(
@@ -245,15 +291,19 @@ class SpecPC:
         *,
         max_capacity_prompt: int | None = None,
         lookahead_tokens: int | None = None,
+        protected: torch.Tensor | None = None,
     ) -> Compression:
-        """Compress an already tokenised prompt (``input_ids`` ``[L]`` with character ``offsets``)."""
+        """Compress an already tokenised prompt (``input_ids`` ``[L]`` with character ``offsets``);
+        ``protected`` (``[L]`` bool) tokens are always kept."""
         cfg = self.config
         capacity = check_capacity(
             cfg.max_capacity_prompt if max_capacity_prompt is None else max_capacity_prompt, cfg.window_size
         )
         check_input_tokens(input_ids.numel(), self.max_input_tokens)
         raw, lookahead = self.score_tokens(input_ids, lookahead_tokens=lookahead_tokens)
-        return self.cut(text, input_ids, offsets, self.smooth(raw), capacity, lookahead=lookahead)
+        return self.cut(
+            text, input_ids, offsets, self.smooth(raw), capacity, lookahead=lookahead, protected=protected
+        )
 
     def smooth(self, scores: torch.Tensor) -> torch.Tensor:
         """``[L]`` raw token scores pooled with the config's kernel (what selection ranks)."""
@@ -268,11 +318,13 @@ class SpecPC:
         capacity: int,
         *,
         lookahead: Sequence[int] = (),
+        protected: torch.Tensor | None = None,
     ) -> Compression:
         """The prompt kept at ``capacity`` from smoothed ``scores`` (``[L]``): one scoring pass
-        (:meth:`score_tokens`, :meth:`smooth`) serves every budget."""
+        (:meth:`score_tokens`, :meth:`smooth`) serves every budget. ``protected`` (``[L]``
+        bool) tokens are always kept."""
         capacity = check_capacity(capacity, self.config.window_size)
-        kept = select_tokens(scores, capacity, self.config, self._special_mask(input_ids))
+        kept = select_tokens(scores, capacity, self.config, self._special_mask(input_ids), protected)
         return Compression(
             text=text_from_spans(text, offsets, kept.tolist()),
             input_ids=input_ids[kept],
@@ -307,7 +359,7 @@ class SpecPC:
             if isinstance(message.get("content"), TrustedPrompt):  # trusted stays trusted once cut
                 kept_content = TrustedPrompt(kept_content)
             out.append({**message, "content": kept_content})
-        return out
+        return with_tools(out, prompt_tools(messages))
 
     # -- documents -------------------------------------------------------------------------
     def compress_documents(

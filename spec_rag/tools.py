@@ -103,11 +103,17 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def check_tool_choice(tool_choice: str | None, tools: Sequence[Mapping[str, Any]] | None) -> str | None:
+def check_tool_choice(
+    tool_choice: str | Mapping[str, Any] | None, tools: Sequence[Mapping[str, Any]] | None
+) -> str | None:
     """``tool_choice`` checked against ``tools``: ``None``/"auto", "none", "required" ("any" is
-    its alias) or one tool's name."""
+    its alias) or one tool's name (also as OpenAI's ``{"type": "function", "function": {"name":
+    ...}}``). Returns "auto", "none", "required" or the name."""
     if tool_choice is None:
         return None
+    if isinstance(tool_choice, Mapping):
+        spec = tool_choice.get("function", tool_choice)
+        tool_choice = spec.get("name") if isinstance(spec, Mapping) else None
     if not isinstance(tool_choice, str):
         raise InvalidInputError(
             f"tool_choice must be 'auto', 'none', 'required' or a tool's name, got {tool_choice!r}"

@@ -15,7 +15,7 @@ from spec_rag.errors import InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
 from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt
 from spec_rag.methods.full import Full
-from spec_rag.specpc import SpecPC, check_capacity
+from spec_rag.specpc import SpecPC, check_capacity, tool_structure_tokens
 
 
 @dataclass
@@ -27,6 +27,7 @@ class ScoredTokens(ScoredPrompt):
         text / input_ids / offsets: the prompt as scored, ``input_ids`` ``[L]``.
         scores: ``[L]`` smoothed token scores; ``None`` when the prompt fit the only budget
             it was scored for, so the draft never ran.
+        protected: ``[L]`` bool, tokens never cut (a tool prompt's template text), or ``None``.
     """
 
     prompt: Prompt = ""
@@ -34,6 +35,7 @@ class ScoredTokens(ScoredPrompt):
     input_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     offsets: list[tuple[int, int]] = field(default_factory=list)
     scores: torch.Tensor | None = field(default_factory=lambda: torch.empty(0))
+    protected: torch.Tensor | None = None
 
 
 class SpecPCMethod(Method):
@@ -77,6 +79,7 @@ class SpecPCMethod(Method):
             input_ids=enc["input_ids"],
             offsets=list(enc["offsets"]),
             scores=scores,
+            protected=tool_structure_tokens(request.prompt, enc),
         )
 
     def cut(self, scored: ScoredTokens, budget: int, stats: GenerationStats) -> torch.Tensor:
@@ -91,7 +94,7 @@ class SpecPCMethod(Method):
                 )
             return self.whole_prompt(scored)
         compression = self.compressor.cut(
-            scored.text, scored.input_ids, scored.offsets, scored.scores, budget
+            scored.text, scored.input_ids, scored.offsets, scored.scores, budget, protected=scored.protected
         )
         if models.shared_vocabulary:
             ids = compression.input_ids
