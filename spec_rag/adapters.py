@@ -38,6 +38,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import EllipsisType
 from typing import Annotated, Any, TypeVar
 
@@ -49,7 +50,7 @@ from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
 from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, check_model_source
 from spec_rag.specpc import DocumentCompression, SpecPC
-from spec_rag.tools import ToolsNotSupportedError, check_tool_choice, normalize_tools, supports_tools
+from spec_rag.tools import ToolsNotSupportedError, normalize_tools, supports_tools, tool_name
 
 __all__ = [
     "DEFAULT_DRAFT",
@@ -58,6 +59,7 @@ __all__ = [
     "SAMPLING_FIELDS",
     "SOURCE_NAMES",
     "SPLITTER_DEFAULTS",
+    "TOOL_OPTIONS",
     "Budget",
     "Delta",
     "DocumentCompressor",
@@ -76,8 +78,9 @@ __all__ = [
     "draft_source",
     "engine_source",
     "in_threads",
+    "resolve_tool_choice",
     "sampling_options",
-    "tool_choice",
+    "split_tool_options",
     "tool_options",
     "tool_turn",
     "usage",
@@ -276,6 +279,7 @@ class LazyEngine:
         self.source = source
         self._engine = source.engine
         self._lock = threading.Lock()
+        self._tools: bool | None = None  # whether the chat template renders tools, once asked
 
     @property
     def loaded(self) -> SpecEngine | None:
@@ -325,23 +329,46 @@ class LazyEngine:
         return self.source.tokenizer if self.source.tokenizer is not None else self.get().tokenizer
 
     def tokenizer_at_hand(self) -> Any:
-        """The target's tokenizer if it is at hand without loading, else None."""
-        if self.source.tokenizer is not None:
-            return self.source.tokenizer
-        return self._engine.tokenizer if self._engine is not None else None
+        """The target's tokenizer without loading a model: the one given or already loaded, or
+        one read from the target's local files (a fetched pack, a directory, a hub-cache copy);
+        ``None`` when only loading the model would give it."""
+        if self._engine is not None or self.source.tokenizer is not None:
+            return self.tokenizer()
+        if self.source.model is None:
+            return None
+        from transformers import AutoTokenizer
 
-    def check_tools(self) -> None:
-        """Raise :class:`~spec_rag.tools.ToolsNotSupportedError` now if the target's chat
-        template cannot render tools and its tokenizer is at hand; a model given by name is
-        checked when it is loaded, at the first call."""
-        tokenizer = self.tokenizer_at_hand()
-        if tokenizer is not None and not supports_tools(tokenizer):
+        from spec_rag.models import MARKER_FILE
+        from spec_rag.models.loading import resolve_model_source
+        from spec_rag.models.packs import pack_dir
+
+        source = resolve_model_source(self.source.model)
+        directory = {"pack": pack_dir(source.location), "dir": Path(source.location)}.get(
+            source.kind, source.snapshot
+        )
+        local = directory is not None and (source.kind != "pack" or (directory / MARKER_FILE).is_file())
+        return AutoTokenizer.from_pretrained(str(directory)) if local else None
+
+    def supports_tools(self) -> bool:
+        """Whether the target's chat template renders tools: asked of :meth:`tokenizer_at_hand`,
+        else of the loaded target (the models load)."""
+        if self._tools is None:
+            tokenizer = self.tokenizer_at_hand()
+            self._tools = supports_tools(tokenizer if tokenizer is not None else self.tokenizer())
+        return self._tools
+
+    def check_tools(self, *, load: bool = True) -> None:
+        """Raise :class:`~spec_rag.tools.ToolsNotSupportedError` when the target's chat template
+        cannot render tools. ``load=False`` checks only when no model has to load for it (the
+        engine checks again at the first call)."""
+        if not load and self._tools is None and self.tokenizer_at_hand() is None:
+            return
+        if not self.supports_tools():
             raise ToolsNotSupportedError(
                 f"{self.source.owner}: the chat template of {self.model_name()!r} has no tool support, "
-                "so it cannot be given tools. Use a model whose template renders tools (e.g. the "
-                f"Qwen2.5-Coder pair, model={DEFAULT_TARGET!r} with draft={DEFAULT_DRAFT!r}), or for a "
-                "typed answer use structured output through a JSON schema (response_format), which "
-                "any template takes."
+                "so it cannot be given tools. Use a target whose template renders tools (e.g. the "
+                f"Qwen2.5-Coder pair: {DEFAULT_TARGET!r} with {DEFAULT_DRAFT!r} as its draft), or ask "
+                "for a JSON answer instead (structured output through a JSON schema needs no tools)."
             )
 
     def tokenize(self, text: str) -> list[int]:
@@ -423,6 +450,52 @@ def usage(generation: Generation) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+# -- tool calling and structured output ------------------------------------------------------
+#: Per-call options that go to the engine as they are, beside the sampling ones: the tools the
+#: chat template renders, which call the grammar forces, and the JSON schema of the answer.
+TOOL_OPTIONS = ("tools", "tool_choice", "response_format")
+
+_CHOICE_ALIASES = {"auto": "auto", "none": "none", "required": "required", "any": "required"}
+
+
+def split_tool_options(call: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``call``'s options as (sampling options, engine tool options); ``None`` values are dropped
+    from the tool options, so an unset one keeps the engine's default."""
+    rest = {key: value for key, value in call.items() if key not in TOOL_OPTIONS}
+    tools = {key: call[key] for key in TOOL_OPTIONS if call.get(key) is not None}
+    return rest, tools
+
+
+def resolve_tool_choice(
+    owner: str, choice: Any, names: Sequence[str], *, required: bool = False
+) -> str | None:
+    """The engine's ``tool_choice`` for a framework's: ``None`` (``"required"`` when ``required``,
+    else the model's choice), ``"auto"``, ``"none"``, ``"required"`` / ``"any"`` / ``True``, a
+    tool's name, or an OpenAI-style ``{"type": "function", "function": {"name": ...}}`` (or
+    ``{"name": ...}``). A name must be one of ``names``."""
+    if choice is None or choice is False:
+        return "required" if required else None
+    if choice is True:
+        return "required"
+    name: Any = choice
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else choice.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(
+            f"{owner} got tool_choice={choice!r}; pass 'auto', 'none', 'required' (or 'any'), a tool's "
+            "name, or {'type': 'function', 'function': {'name': ...}}."
+        )
+    if isinstance(choice, str) and choice.lower() in _CHOICE_ALIASES:
+        return _CHOICE_ALIASES[choice.lower()]
+    if name not in names:
+        raise InvalidInputError(
+            f"{owner} got tool_choice={name!r}, which is not one of the tools given "
+            f"({', '.join(names) or 'none'}); name one of them, or pass 'auto' or 'required'."
+        )
+    return name
 
 
 async def in_threads(items: Iterator[T]) -> AsyncIterator[T]:
@@ -596,29 +669,6 @@ class DocumentCompressor:
 
 
 # -- tool calling and structured output ---------------------------------------------------------
-def tool_choice(owner: str, choice: Any, tools: Sequence[Mapping[str, Any]]) -> str | None:
-    """The engine's ``tool_choice`` for what a framework user passed.
-
-    ``None``, ``False`` and ``"auto"``: the model may call a tool (``None``); ``"none"``: the
-    tools are shown but no call is made; ``"required"``, ``"any"`` and ``True``: exactly one call
-    of one of the tools (``"required"``); a tool's name, or ``{"type": "function", "function":
-    {"name": ...}}``: a call of that tool (its name).
-    """
-    if choice is None or choice is False or choice == "auto":
-        return None
-    if choice is True:
-        choice = "required"
-    elif isinstance(choice, Mapping):
-        function = choice.get("function", choice)
-        choice = function.get("name") if isinstance(function, Mapping) else None
-    if not isinstance(choice, str):
-        raise InvalidInputError(
-            f"{owner} got tool_choice={choice!r}; use 'auto', 'none', 'required' (or 'any'), True, a tool's "
-            "name, or {'type': 'function', 'function': {'name': ...}}."
-        )
-    return check_tool_choice(choice, tools)
-
-
 def tool_options(
     owner: str,
     *,
@@ -629,13 +679,14 @@ def tool_options(
     """The engine's ``tools`` / ``tool_choice`` / ``response_format`` arguments of one call
     (only those that are set), checked."""
     options: dict[str, Any] = {}
-    if tools:
-        options["tools"] = normalize_tools(tools)
-    forced = tool_choice(owner, choice, tools or [])
-    if forced is not None:
+    normalized = normalize_tools(tools) if tools else []
+    if normalized:
+        options["tools"] = normalized
+    forced = resolve_tool_choice(owner, choice, [tool_name(tool) for tool in normalized])
+    if forced not in (None, "auto"):
         options["tool_choice"] = forced
     if response_format is not None:
-        if forced in (None, "none"):
+        if forced in (None, "auto", "none"):
             options["response_format"] = response_format
         else:
             raise InvalidInputError(

@@ -217,7 +217,7 @@ class ChatSpecKV(BaseChatModel):
         first call).
         """
         formatted = [convert_to_openai_tool(tool) for tool in tools]
-        self._core.check_tools()
+        self._core.check_tools(load=False)
         options = core.tool_options("ChatSpecKV", tools=formatted, choice=tool_choice)
         return super().bind(**options, **kwargs)
 

@@ -49,6 +49,8 @@ class SpecPCCompressor(BaseDocumentCompressor):
             ``None`` keeps the default. ``kernel_size`` and ``neighbor_tokens`` default to 16,
             which suits text-splitter chunks of about 200 tokens; for documents of thousands of
             tokens the paper's 64 keeps whole passages together.
+        chunk_size / chunk_overlap: documents longer than one draft pass (``None``: the draft's
+            context window) are scored in overlapping chunks that each end with the query.
         config: a whole ``SpecPCConfig`` as the base of the fields above.
         dtype / device: how a draft given by name is loaded.
         order: ``"input"`` keeps the retriever's order, ``"score"`` sorts best first.
@@ -90,6 +92,8 @@ class SpecPCCompressor(BaseDocumentCompressor):
     starting_layer_index: int | None = None
     weighted_query: bool | None = None
     keep_special_tokens: bool | None = None
+    chunk_size: int | None = None
+    chunk_overlap: int | None = None
     config: SpecPCConfig | None = None
 
     dtype: str = "bfloat16"

@@ -22,6 +22,7 @@ from spec_rag.testing import (
     corpus_text,
     tiny_model,
     tiny_tokenizer,
+    tiny_tools_tokenizer,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "skip_without_real_models",
     "tiny_model",
     "tiny_tokenizer",
+    "tiny_tools_tokenizer",
 ]
 
 #: Goes with ``pytest.mark.real_model`` (tests that load the SmolLM2-135M pack): SPEC_RAG_SKIP_REAL=1

@@ -8,9 +8,10 @@ import time
 
 import llama_index.llms.spec_rag as package
 import pytest
-from li_llm_support import corpus_text, tiny_model, tiny_tokenizer
+from li_llm_support import corpus_text, skip_without_real_models, tiny_model, tiny_tokenizer
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
-from llama_index.core.llms import ChatMessage, CustomLLM, MessageRole
+from llama_index.core.llms import ChatMessage, MessageRole
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.llms.spec_rag import SpecKVLLM
 from llama_index.llms.spec_rag import base as base_module
 
@@ -188,11 +189,16 @@ def test_metadata_reports_the_loaded_targets_context_window(llm):
     assert metadata.is_chat_model is True
 
 
+@pytest.mark.real_model
+@skip_without_real_models
 def test_metadata_before_loading_uses_a_default_and_the_model_name():
     llm = SpecKVLLM(model="smollm2-135m-instruct", draft="smollm2-135m-instruct", max_new_tokens=64)
     assert llm.metadata.context_window == base_module.DEFAULT_CONTEXT_WINDOW
     assert llm.metadata.model_name == "smollm2-135m-instruct"
     assert llm.metadata.num_output == 64
+    # SmolLM2's template has no tools; the pack's tokenizer alone says so, no model is loaded.
+    assert llm.metadata.is_function_calling_model is False
+    assert llm._core.loaded is None
     assert (
         SpecKVLLM(model="smollm2-135m-instruct", method="full", context_window=1000).metadata.context_window
         == 1000
@@ -282,9 +288,9 @@ def test_eight_threads_with_different_prompts_each_get_the_answer_they_get_alone
     assert len(set(alone)) > 1, "different prompts should give different answers, or the test proves nothing"
 
 
-def test_is_a_custom_llm_with_a_class_name_and_serialisable_config():
+def test_is_a_function_calling_llm_with_a_class_name_and_serialisable_config():
     llm = SpecKVLLM(model="smollm2-135m-instruct", draft="smollm2-135m-instruct", max_capacity_prompt=128)
-    assert isinstance(llm, CustomLLM)
+    assert isinstance(llm, FunctionCallingLLM)
     assert SpecKVLLM.class_name() == "SpecKVLLM"
     data = llm.to_dict()
     assert data["class_name"] == "SpecKVLLM"

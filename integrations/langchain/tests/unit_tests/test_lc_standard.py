@@ -16,10 +16,12 @@ class TestChatSpecKVUnit(ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        # Registry names: construction must stay cheap, so nothing is loaded by these tests.
+        # Registry names: construction must stay cheap, so nothing is loaded by these tests. The
+        # default pair's template renders tools, so binding them is checked (from the tokenizer
+        # alone) where its pack is installed.
         return {
-            "model": "smollm2-135m-instruct",
-            "draft": "smollm2-135m-instruct",
+            "model": "qwen2.5-coder-1.5b-instruct",
+            "draft": "qwen2.5-coder-0.5b-instruct",
             "max_capacity_prompt": 256,
         }
 

@@ -4,14 +4,16 @@ The target model writes the answer; a small draft model first writes an approxim
 whose attention tells the target which prompt KV entries to keep, so long RAG prompts decode
 from a small cache. The model work lives in :class:`spec_rag.SpecEngine` and the rules shared
 with the LangChain adapter in :mod:`spec_rag.adapters`; this module only translates LlamaIndex
-prompts and chat messages to engine requests and engine results back.
+prompts, chat messages, tools and output classes to engine requests and engine results back.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
@@ -24,11 +26,16 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr, ValidationError
+from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
-from llama_index.core.llms.llm import default_completion_to_prompt
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection, default_completion_to_prompt
+from llama_index.core.prompts import PromptTemplate
+from llama_index.core.types import PydanticProgramMode
 
 from spec_rag import Generation, SpecEngine
 from spec_rag.adapters import (
@@ -48,9 +55,19 @@ from spec_rag.adapters import (
     ceiling,
     engine_source,
     in_threads,
+    resolve_tool_choice,
     sampling_options,
+    split_tool_options,
     usage,
 )
+from spec_rag.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from llama_index.core.program.utils import FlexibleModel
+    from llama_index.core.tools.types import BaseTool
+
+dispatcher = get_dispatcher(__name__)
+Model = TypeVar("Model", bound=BaseModel)
 
 #: Reported as ``metadata.context_window`` until the target is loaded (SmolLM2's window; the
 #: Qwen2.5 pair has 32k). Pass ``context_window=`` to pin it.
@@ -60,13 +77,14 @@ _ROLE_NAMES = {
     MessageRole.CHATBOT: "assistant",
     MessageRole.MODEL: "assistant",
     MessageRole.DEVELOPER: "system",
+    MessageRole.FUNCTION: "tool",
 }
 _METHOD_FIELDS = ("max_capacity_prompt", "window_size", "prompt_capacity", "lookahead_tokens")
 
 Prompt = str | list[dict[str, Any]]
 
 
-class SpecKVLLM(CustomLLM):
+class SpecKVLLM(FunctionCallingLLM):
     """A local causal LM with draft-guided KV-cache compression, for LlamaIndex.
 
     Give the target one of three ways (none: the Qwen2.5-Coder 1.5B pack with its 0.5B draft):
@@ -98,6 +116,17 @@ class SpecKVLLM(CustomLLM):
     in ``raw["spec_rag"]``; a stream's last response carries them together with the last
     delta. ``get_tokenizer()`` gives the target's tokenizer as a callable for
     ``Settings.tokenizer``.
+
+    It is a :class:`~llama_index.core.llms.function_calling.FunctionCallingLLM` when the target's
+    chat template renders tools (``metadata.is_function_calling_model``; the Qwen2.5 pair's does,
+    SmolLM2's does not): ``chat_with_tools``, ``predict_and_call`` and ``FunctionAgent`` work, the
+    template renders the tools, a forced call (``tool_required=True`` or ``tool_choice=<name>``)
+    is constrained by a JSON grammar, and calls come back as ``ToolCallBlock`` blocks (and
+    ``additional_kwargs["tool_calls"]``). Tool results, retrieved documents included, are
+    compressed with the rest of the conversation. ``structured_predict`` and
+    ``as_structured_llm`` decode JSON constrained to the output class's schema, so the answer
+    always validates (any target); ``pydantic_program_mode="function"`` goes through a forced
+    tool call instead.
 
     Example:
         >>> llm = SpecKVLLM(model="smollm2-135m-instruct", draft="smollm2-135m-instruct")
@@ -187,6 +216,7 @@ class SpecKVLLM(CustomLLM):
             context_window=context_window or DEFAULT_CONTEXT_WINDOW,
             num_output=self.max_new_tokens,
             is_chat_model=True,
+            is_function_calling_model=self._core.supports_tools(),
             model_name=self._core.model_name(),
         )
 
@@ -201,9 +231,11 @@ class SpecKVLLM(CustomLLM):
         return self._core.count_tokens(messages if isinstance(messages, str) else self._chat_prompt(messages))
 
     def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Engine sampling arguments: the instance's, overridden by per-call keyword arguments."""
+        """Engine arguments: the instance's sampling settings, overridden by per-call keyword
+        arguments, and the call's ``tools``, ``tool_choice`` and ``response_format``."""
+        call, tool_options = split_tool_options(kwargs)
         defaults = {n: getattr(self, n) for n in ("max_new_tokens", "stop", *SAMPLING_FIELDS)}
-        return sampling_options("SpecKVLLM", defaults, kwargs)
+        return {**sampling_options("SpecKVLLM", defaults, call), **tool_options}
 
     # -- prompts -----------------------------------------------------------------------------
     def _completion_prompt(self, prompt: str, formatted: bool) -> Prompt:
@@ -219,15 +251,18 @@ class SpecKVLLM(CustomLLM):
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*messages, {"role": "user", "content": prompt}]
 
-    def _chat_prompt(self, messages: Sequence[ChatMessage]) -> Prompt:
-        """Role/content dicts for the target's chat template (or the user's ``messages_to_prompt``)."""
+    def _chat_prompt(self, messages: Sequence[ChatMessage], tools: bool = False) -> Prompt:
+        """Message dicts for the target's chat template (or the user's ``messages_to_prompt``;
+        not with ``tools``, which only the chat template renders)."""
         formatter = self.messages_to_prompt
         if formatter is not None and formatter is not generic_messages_to_prompt:
+            if tools:
+                raise InvalidInputError(
+                    "SpecKVLLM renders tools with the target's chat template, and this instance has a "
+                    "messages_to_prompt of its own; drop messages_to_prompt to call tools."
+                )
             return formatter(messages)
-        return [
-            {"role": _ROLE_NAMES.get(message.role, message.role.value), "content": message.content or ""}
-            for message in messages
-        ]
+        return _message_dicts(messages)
 
     # -- the work, shared by every public method ---------------------------------------------
     def _complete(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> CompletionResponse:
@@ -244,16 +279,19 @@ class SpecKVLLM(CustomLLM):
         return gen()
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
-        generation = self._core.generate(self._chat_prompt(messages), self._sampling(kwargs))
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=generation.text)
-        return ChatResponse(message=message, **_extras(generation))
+        options = self._sampling(kwargs)
+        generation = self._core.generate(self._chat_prompt(messages, "tools" in options), options)
+        return ChatResponse(message=_assistant_message(generation), **_extras(generation))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
-        deltas = self._core.stream(self._chat_prompt(messages), self._sampling(kwargs))
+        options = self._sampling(kwargs)
+        deltas = self._core.stream(self._chat_prompt(messages, "tools" in options), options)
 
         def gen() -> ChatResponseGen:
             for text, delta in _texts(deltas):
                 message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+                if delta.generation is not None and delta.generation.tool_calls:
+                    message = _assistant_message(delta.generation)  # the last: the text and the calls
                 yield ChatResponse(message=message, delta=delta.text, **_extras(delta.generation))
 
         return gen()
@@ -294,6 +332,252 @@ class SpecKVLLM(CustomLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return in_threads(await asyncio.to_thread(self._stream_chat, messages, kwargs))
+
+    # -- function calling --------------------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``chat`` arguments for a turn with ``tools``: their OpenAI-style specs, which the chat
+        template renders, and the engine's ``tool_choice`` (``tool_required=True``: one call,
+        forced; ``tool_choice``: ``"auto"``, ``"none"``, ``"required"`` or a tool's name)."""
+        messages = list(chat_history or [])  # the caller's history is left as it was
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+        if not specs:
+            return {"messages": messages, **kwargs}
+        self._core.check_tools()
+        names = [spec["function"]["name"] for spec in specs]
+        choice = resolve_tool_choice("SpecKVLLM", tool_choice, names, required=tool_required)
+        return {"messages": messages, "tools": specs, "tool_choice": choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Without ``allow_parallel_tool_calls``, only the first call is kept."""
+        if not allow_parallel_tool_calls:
+            _keep_first_call(response.message)
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The response's tool calls, in order, as ``ToolSelection`` objects (id, name, arguments)."""
+        calls = _tool_calls(response.message)
+        if not calls and error_on_no_tool_call:
+            raise ValueError(
+                "Expected at least one tool call, but got 0 tool calls; the model answered: "
+                f"{(response.message.content or '')[:200]!r}. Pass tool_required=True (or "
+                "tool_choice=<name>) to force a call."
+            )
+        return [
+            ToolSelection(
+                tool_id=str(call.get("id") or ""),
+                tool_name=call["function"]["name"],
+                tool_kwargs=call["function"]["arguments"],
+            )
+            for call in calls
+        ]
+
+    # -- structured output -------------------------------------------------------------------
+    # In the default program mode the answer is JSON constrained to the output class's schema
+    # (``response_format``), so it always validates and needs no tool support; the function and
+    # text-completion program modes go through LlamaIndex's own programs.
+    def _constrained_json(self) -> bool:
+        return self.pydantic_program_mode == PydanticProgramMode.DEFAULT
+
+    def _schema_call(
+        self,
+        output_cls: type[BaseModel],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None,
+        args: Any,
+    ) -> tuple[list[ChatMessage], dict[str, Any]]:
+        messages = self._extend_messages(prompt.format_messages(**args))
+        options = {
+            k: v for k, v in (llm_kwargs or {}).items() if k not in ("tools", "tool_choice", "tool_required")
+        }
+        return messages, {**options, "response_format": output_cls}
+
+    @dispatcher.span
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """An instance of ``output_cls`` answering ``prompt``: JSON decoded under its schema."""
+        if not self._constrained_json():
+            return super().structured_predict(output_cls, prompt, llm_kwargs=llm_kwargs, **prompt_args)
+        messages, options = self._schema_call(output_cls, prompt, llm_kwargs, prompt_args)
+        return _parse(output_cls, self.chat(messages, **options))
+
+    @dispatcher.span
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """``structured_predict`` with the work in a worker thread."""
+        if not self._constrained_json():
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs=llm_kwargs, **prompt_args)
+        messages, options = self._schema_call(output_cls, prompt, llm_kwargs, prompt_args)
+        return _parse(output_cls, await self.achat(messages, **options))
+
+    def _structured_stream_call(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Generator[Model | list[Model] | FlexibleModel | list[FlexibleModel], None, None]:
+        if not self._constrained_json():
+            yield from super()._structured_stream_call(output_cls, prompt, llm_kwargs, **prompt_args)
+            return
+        from llama_index.core.program.streaming_utils import process_streaming_content_incremental
+
+        messages, options = self._schema_call(output_cls, prompt, llm_kwargs, prompt_args)
+        current = None
+        for response in self.stream_chat(messages, **options):
+            current = process_streaming_content_incremental(response, output_cls, current)
+            yield current
+
+    async def _structured_astream_call(
+        self,
+        output_cls: type[Model],
+        prompt: PromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> AsyncGenerator[Model | list[Model] | FlexibleModel | list[FlexibleModel], None]:
+        if not self._constrained_json():
+            return await super()._structured_astream_call(output_cls, prompt, llm_kwargs, **prompt_args)
+        from llama_index.core.program.streaming_utils import process_streaming_content_incremental
+
+        messages, options = self._schema_call(output_cls, prompt, llm_kwargs, prompt_args)
+
+        async def gen() -> AsyncGenerator[Model | FlexibleModel, None]:
+            current = None
+            async for response in await self.astream_chat(messages, **options):
+                current = process_streaming_content_incremental(response, output_cls, current)
+                yield current
+
+        return gen()
+
+
+def _parse(output_cls: type[Model], response: ChatResponse) -> Model:
+    """The answer's JSON as ``output_cls``; an answer cut at ``max_new_tokens`` says so."""
+    text = response.message.content or ""
+    try:
+        return output_cls.model_validate_json(text)
+    except ValidationError as error:
+        raw = response.raw if isinstance(response.raw, Mapping) else {}
+        if raw.get("finish_reason") == "length":
+            raise ValueError(
+                f"The {output_cls.__name__} answer stopped at the token limit before its JSON was complete "
+                f"({len(text)} characters). Raise max_new_tokens (on SpecKVLLM, or per call with "
+                "llm_kwargs={'max_new_tokens': ...})."
+            ) from error
+        raise
+
+
+# -- chat messages to and from the template's message dicts --------------------------------
+def _message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Role/content dicts for the chat template: an assistant turn carries its ``tool_calls``,
+    a tool result its ``tool_call_id`` and the called tool's ``name`` (found from the call)."""
+    names: dict[str, str] = {}  # tool call id -> tool name, from the assistant turns so far
+    dicts: list[dict[str, Any]] = []
+    for message in messages:
+        role = _ROLE_NAMES.get(message.role, message.role.value)
+        entry: dict[str, Any] = {"role": role, "content": message.content or ""}
+        calls = _tool_calls(message)
+        if calls:
+            entry["tool_calls"] = calls
+            names.update((str(call["id"]), call["function"]["name"]) for call in calls if call.get("id"))
+        if role == "tool":
+            call_id = message.additional_kwargs.get("tool_call_id")
+            if call_id:
+                entry["tool_call_id"] = str(call_id)
+            name = message.additional_kwargs.get("name") or names.get(str(call_id))
+            if name:
+                entry["name"] = str(name)
+        dicts.append(entry)
+    return dicts
+
+
+def _tool_calls(message: ChatMessage) -> list[dict[str, Any]]:
+    """A message's tool calls as template dicts (arguments a dict): its ``ToolCallBlock`` blocks,
+    else ``additional_kwargs["tool_calls"]`` (dicts, or objects, in OpenAI's form)."""
+    blocks = [block for block in message.blocks if isinstance(block, ToolCallBlock)]
+    if blocks:
+        return [_call_dict(block.tool_call_id, block.tool_name, block.tool_kwargs) for block in blocks]
+    calls = []
+    for call in message.additional_kwargs.get("tool_calls") or []:
+        get = call.get if isinstance(call, Mapping) else lambda key, c=call: getattr(c, key, None)
+        function = get("function")
+        if function is None:
+            continue
+        fget = (
+            function.get if isinstance(function, Mapping) else lambda key, f=function: getattr(f, key, None)
+        )
+        calls.append(_call_dict(get("id"), fget("name") or "", fget("arguments")))
+    return calls
+
+
+def _call_dict(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
+    if isinstance(arguments, str):
+        with contextlib.suppress(json.JSONDecodeError):  # else the template shows it as written
+            arguments = json.loads(arguments) if arguments.strip() else {}
+    call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments or {}}}
+    if call_id:
+        call["id"] = call_id
+    return call
+
+
+def _assistant_message(generation: Generation) -> ChatMessage:
+    """The assistant's message: its text, then a ``ToolCallBlock`` per call (also in
+    ``additional_kwargs["tool_calls"]``, OpenAI's form)."""
+    calls = generation.tool_calls
+    if not calls:
+        return ChatMessage(role=MessageRole.ASSISTANT, content=generation.text)
+    blocks: list[Any] = [TextBlock(text=generation.text)] if generation.text.strip() else []
+    blocks += [
+        ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments)) for c in calls
+    ]
+    dicts = [call.to_message_dict() for call in calls]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs={"tool_calls": dicts})
+
+
+def _keep_first_call(message: ChatMessage) -> None:
+    """Drop every tool call after the first, from the blocks and ``additional_kwargs``."""
+    seen = False
+    kept = []
+    for block in message.blocks:
+        if isinstance(block, ToolCallBlock):
+            if seen:
+                continue
+            seen = True
+        kept.append(block)
+    message.blocks = kept
+    calls = message.additional_kwargs.get("tool_calls")
+    if calls:
+        message.additional_kwargs["tool_calls"] = list(calls)[:1]
 
 
 def _texts(deltas: Iterator[Delta]) -> Iterator[tuple[str, Delta]]:

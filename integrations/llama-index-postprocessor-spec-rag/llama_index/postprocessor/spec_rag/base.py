@@ -82,6 +82,13 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
     starting_layer_index: int | None = Field(default=None, ge=0, description="First draft layer scored.")
     weighted_query: bool | None = Field(default=None, description="Weight newer window queries more.")
     keep_special_tokens: bool | None = Field(default=None, description="Never drop chat-template tokens.")
+    chunk_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Longest sequence one draft pass reads (None: the draft's window); longer "
+        "prompts are scored in overlapping chunks that each end with the question.",
+    )
+    chunk_overlap: int | None = Field(default=None, ge=0, description="Tokens neighbouring chunks share.")
     instruction: str | None = Field(
         default=None, description="Instruction line of the compression prompt (default: spec-rag's)."
     )
