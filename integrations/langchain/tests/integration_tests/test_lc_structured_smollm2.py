@@ -46,9 +46,11 @@ def test_json_schema_structured_output_works_without_a_tools_template(chat: Chat
     assert json.loads(result["raw"].content) == result["parsed"].model_dump()  # nothing but the JSON
 
 
-def test_tools_are_refused_at_the_first_call_naming_the_model_and_the_way_out(chat: ChatSpecKV) -> None:
-    bound = chat.bind_tools([search_notes])  # the model is not loaded yet: checked at the call
-    with pytest.raises(ToolsNotSupportedError, match=r"Qwen|qwen2\.5"):
-        bound.invoke("Which port does the Orchid service listen on?")
-    with pytest.raises(ToolsNotSupportedError, match="smollm2"):
-        chat.bind_tools([search_notes])  # loaded now: refused at bind
+def test_tools_are_refused_at_bind_naming_the_model_and_the_way_out(chat: ChatSpecKV) -> None:
+    # The pack's tokenizer is read from its files, so bind_tools refuses before any model loads.
+    with pytest.raises(ToolsNotSupportedError, match=r"smollm2.*Qwen2\.5"):
+        chat.bind_tools([search_notes])
+    assert chat._core.loaded is None
+    # Tools passed to a call directly are refused too, once the models load.
+    with pytest.raises(ToolsNotSupportedError, match=r"Qwen"):
+        chat.invoke("Which port does the Orchid service listen on?", tools=[{"name": "search_notes"}])
