@@ -31,8 +31,8 @@ from spec_rag import SpecPC, SpecPCConfig
 from spec_rag._prompt import format_prompt
 from spec_rag.bench.records import SAMPLES_FILE, append_jsonl, read_jsonl
 from spec_rag.bench.report import write_report
-from spec_rag.bench.runner import Models, _check_names, _check_specpc_settings, _key
-from spec_rag.bench.tasks import Document, Sample, generate_sample, score_answer
+from spec_rag.bench.runner import Models, _check_names, _check_specpc_settings, _key, accuracy_record
+from spec_rag.bench.tasks import Document, Sample, generate_sample
 from spec_rag.errors import InvalidInputError
 from spec_rag.openai_endpoint import answer_through_endpoint
 
@@ -214,24 +214,8 @@ def run_endpoint_accuracy(
             }
             if method == "specpc":
                 stats.update(kernel_size=config.kernel_size, neighbor_tokens=config.neighbor_tokens)
-            record = {
-                "key": key_of(sample.id, sha, method, budget),
-                "sample_id": sample.id,
-                "task": sample.task,
-                "length": sample.length,
-                "seed": sample.seed,
-                "index": sample.index,
-                "prompt_sha256": sha,
-                "method": method,
-                "budget": budget,
-                "target": served,
-                "draft": models.draft if method == "specpc" else None,
-                "answer": reply.text,
-                "expected": list(sample.answers),
-                "metric": sample.metric,
-                "score": score_answer(reply.text, sample.answers, sample.metric),
-                "stats": stats,
-            }
+            draft = models.draft if method == "specpc" else None
+            record = accuracy_record(sample, sha, method, budget, served, draft, reply.text, stats)
             append_jsonl(path, record)
             done.add(record["key"])
             bar.update(1)

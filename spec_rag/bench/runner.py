@@ -60,6 +60,38 @@ def _key(*parts: object) -> str:
     return json.dumps(parts, separators=(",", ":"))
 
 
+def accuracy_record(
+    sample: Sample,
+    sha: str,
+    method: str,
+    budget: int | None,
+    target: str,
+    draft: str | None,
+    answer: str,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    """One accuracy answer as the samples file records it: the sample, the method and budget,
+    the models, the answer and its score, and the run's stats."""
+    return {
+        "key": _key(sample.id, sha, method, budget, target, draft),
+        "sample_id": sample.id,
+        "task": sample.task,
+        "length": sample.length,
+        "seed": sample.seed,
+        "index": sample.index,
+        "prompt_sha256": sha,
+        "method": method,
+        "budget": budget,
+        "target": target,
+        "draft": draft,
+        "answer": answer,
+        "expected": list(sample.answers),
+        "metric": sample.metric,
+        "score": score_answer(answer, sample.answers, sample.metric),
+        "stats": stats,
+    }
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -195,24 +227,8 @@ def run_accuracy(
             else:
                 outcome = harness.run(ctx, method, budget)
                 answer, stats = outcome.answer, outcome.stats
-            record = {
-                "key": key_of(sample.id, sha, method, budget),
-                "sample_id": sample.id,
-                "task": sample.task,
-                "length": sample.length,
-                "seed": sample.seed,
-                "index": sample.index,
-                "prompt_sha256": sha,
-                "method": method,
-                "budget": budget,
-                "target": models.target,
-                "draft": models.draft if method in DRAFT_METHODS else None,
-                "answer": answer,
-                "expected": list(sample.answers),
-                "metric": sample.metric,
-                "score": score_answer(answer, sample.answers, sample.metric),
-                "stats": stats,
-            }
+            draft = models.draft if method in DRAFT_METHODS else None
+            record = accuracy_record(sample, sha, method, budget, models.target, draft, answer, stats)
             append_jsonl(path, record)
             done[record["key"]] = record
             bar.update(1)
