@@ -238,7 +238,8 @@ class ChatSpecKV(BaseChatModel):
             method: ``"function_calling"`` (default): one forced call of a tool whose parameters
                 are the schema, which the chat template shows the model with its descriptions;
                 needs a template with tools. ``"json_schema"``: the answer itself is decoded
-                under the schema, with any template. ``"json_mode"``: any JSON object. All three
+                under the schema, with any template. ``"json_mode"``: any JSON object, or one valid
+                for ``schema`` when it is given (the parser reads it as that). All three
                 are constrained by a grammar, so the JSON always parses.
             include_raw: answer ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}``.
             strict: accepted for compatibility; decoding follows the schema in every case.
@@ -263,9 +264,9 @@ class ChatSpecKV(BaseChatModel):
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
-            response_format = (
-                convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
-            )
+            # json_mode with a schema decodes under it too: the parser reads the answer as that
+            # schema, and a small model left free writes "{}" as readily as the object asked for.
+            response_format = convert_to_json_schema(schema) if schema is not None else {"type": "object"}
             options = core.tool_options("ChatSpecKV", response_format=response_format)
             if schema is not None:
                 options["ls_structured_output_format"] = traced

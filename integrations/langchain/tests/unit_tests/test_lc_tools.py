@@ -17,7 +17,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import tool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_spec_rag import ChatSpecKV
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
@@ -380,9 +380,12 @@ def test_json_schema_method_works_with_a_template_without_tools(
     assert isinstance(plain.with_structured_output(Grade, method="json_schema").invoke("Relevant?"), Grade)
 
 
-def test_json_mode_asks_for_any_json_object(chat: ChatSpecKV) -> None:
+def test_json_mode_asks_for_any_json_object_or_the_schema_given(chat: ChatSpecKV) -> None:
     bound = chat.with_structured_output(method="json_mode").first  # type: ignore[attr-defined]
     assert bound.kwargs["response_format"] == {"type": "object"}
+    typed = chat.with_structured_output(Grade, method="json_mode")
+    assert typed.first.kwargs["response_format"] == convert_to_json_schema(Grade)  # type: ignore[attr-defined]
+    assert isinstance(typed.invoke("Relevant?"), Grade)
 
 
 def test_include_raw_gives_the_message_the_parsed_answer_and_no_error(chat: ChatSpecKV) -> None:
