@@ -303,23 +303,16 @@ def decode_tokens(
     result = result if result is not None else DecodeResult()
     sampler = _Sampler(params, first_logits.device)
     eos = set(eos_token_ids)
-    for token in accepted[: params.max_new_tokens]:
-        if guide is not None:
-            guide.advance(token)
-        if token in eos:
-            result.finish_reason = "stop"
-            return
-        result.token_ids.append(token)
-        yield token
-        if guide is not None and guide.is_finished:
-            result.finish_reason = "stop"
-            return
     logits = first_logits
     position = next_position
-    for step in range(len(accepted), params.max_new_tokens):
-        if guide is not None:
-            logits = guide.mask_logits(logits)  # [vocab]
-        token = sampler(logits)
+    for step in range(params.max_new_tokens):
+        drafted = step < len(accepted)
+        if drafted:
+            token = accepted[step]
+        else:
+            if guide is not None:
+                logits = guide.mask_logits(logits)  # [vocab]
+            token = sampler(logits)
         if guide is not None:
             guide.advance(token)
         if token in eos:
@@ -330,8 +323,8 @@ def decode_tokens(
         if guide is not None and guide.is_finished:
             result.finish_reason = "stop"
             return
-        if step + 1 == params.max_new_tokens and not feed_last:
-            break
+        if drafted or (step + 1 == params.max_new_tokens and not feed_last):
+            continue  # an accepted token's entry is already cached; the last step needs no forward
         ids = torch.tensor([[token]], device=model.device)
         logits = forward(model, ids, cache, position_start=position, recorder=recorder)[-1]
         position += 1
