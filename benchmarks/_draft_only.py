@@ -18,7 +18,7 @@ def sample_parser(doc: str | None, task: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     return parser
 
 

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="default: the draft's window")
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
     parser.add_argument("--target", default=DEFAULT_TARGET)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
     specpc = SpecPCConfig(max_capacity_prompt=args.budget, chunk_size=args.chunk_size)

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, help="append one JSON line per (sample, n) here")
     parser.add_argument("--no-draft-timing", action="store_true", help="skip timing the draft")
     args = parser.parse_args()

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--child", nargs=2, metavar=("LENGTH", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

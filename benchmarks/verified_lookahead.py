@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--draft", default=DEFAULT_DRAFT)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--budget", type=int, default=512, help="SpecKV's cache budget")
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--lookahead-tokens", type=int, help="default: the task's answer length")

@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", default=None, help="default: the Qwen pair's target")
     parser.add_argument("--draft", default=None, help="default: the Qwen pair's draft")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--kv-budget", type=int, default=1024, help="cache budget of the KV methods")
     parser.add_argument("--prompt-budget", type=int, default=2048, help="SpecPC's, SpecKV-PC's prompt budget")
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's answer budget")

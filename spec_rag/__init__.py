@@ -4,6 +4,7 @@ from typing import TYPE_CHECKING
 
 from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, TrustedPrompt, trusted
 from spec_rag.config import (
+    DEFAULT_METHOD,
     METHODS,
     MethodInfo,
     SnapKVConfig,
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DEFAULT_MAX_INPUT_TOKENS",
+    "DEFAULT_METHOD",
     "METHODS",
     "ChecksumError",
     "Compression",

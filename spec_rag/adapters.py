@@ -45,7 +45,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import Field
 
 from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, encode_prompt
-from spec_rag.config import EngineConfig, SpecPCConfig, config_for_method, method_info
+from spec_rag.config import DEFAULT_METHOD, EngineConfig, SpecPCConfig, config_for_method, method_info
 from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
 from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, check_model_source
@@ -163,7 +163,7 @@ class EngineSource:
     draft_model: Any = None
     draft_tokenizer: Any = None
     engine: SpecEngine | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str | None = None
     max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
 
@@ -180,7 +180,7 @@ def engine_source(
     draft_tokenizer: Any = None,
     method: str | None = None,
     fields: Mapping[str, int | None] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str | None = None,
     max_input_tokens: Ceiling = ...,
 ) -> EngineSource:
@@ -216,7 +216,7 @@ def engine_source(
         model = DEFAULT_TARGET
         if draft is None and draft_model is None:
             draft = DEFAULT_DRAFT  # the default pair goes together; a target you name names its draft
-    method = _name(method or "speckv")
+    method = _name(method or DEFAULT_METHOD)
     config = _method_config(method, given)
     if method_info(method).needs_draft and draft is None and draft_model is None:
         raise ValueError(
@@ -530,7 +530,7 @@ class DraftSource:
     draft_model: Any = None
     draft_tokenizer: Any = None
     specpc: SpecPC | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str | None = None
     max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
     target_tokenizer: Any = None  # a name or path, or a tokenizer object; None: the draft's
@@ -545,7 +545,7 @@ def draft_source(
     specpc: SpecPC | None = None,
     config: SpecPCConfig | None = None,
     fields: Mapping[str, Any] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str | None = None,
     max_input_tokens: Ceiling = ...,
     target_tokenizer: Any = None,

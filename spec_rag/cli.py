@@ -205,13 +205,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
     """The ``spec-rag`` parser; ``bench=False`` lists ``bench`` without importing the benchmark."""
-    from spec_rag.config import METHODS
+    from spec_rag.config import DEFAULT_METHOD, METHODS
     from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    common.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (default: bfloat16 where the device computes it natively, else float32), "
+        "bfloat16, float32 or float16",
+    )
 
     parser = argparse.ArgumentParser(
         prog="spec-rag", description="Draft-based approximate inference for RAG."
@@ -244,7 +249,9 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", parents=[common], help="answer a prompt with a method")
     generate.add_argument("prompt", help="the prompt, or - for standard input")
-    generate.add_argument("--method", default="speckv", help=f"one of {', '.join(METHODS)}")
+    generate.add_argument(
+        "--method", default=DEFAULT_METHOD, help=f"one of {', '.join(METHODS)} (default {DEFAULT_METHOD})"
+    )
     generate.add_argument("--budget", type=int, default=None, help="max_capacity_prompt")
     generate.add_argument("--target", default=DEFAULT_TARGET)
     generate.add_argument("--draft", default=DEFAULT_DRAFT)

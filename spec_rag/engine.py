@@ -194,7 +194,7 @@ class SpecEngine:
         draft: str | None = None,
         config: EngineConfig | None = None,
         *,
-        dtype: str | torch.dtype = "bfloat16",
+        dtype: str | torch.dtype = "auto",
         device: str | None = None,
         max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
     ) -> SpecEngine:

@@ -33,8 +33,10 @@ def test_nothing_given_is_the_default_pair() -> None:
     assert (source.model, source.draft, source.method) == (
         adapters.DEFAULT_TARGET,
         adapters.DEFAULT_DRAFT,
-        "speckv",
+        "speckv-pc",
     )
+    # The default cascade keeps 2048 prompt tokens and half as many KV entries per head.
+    assert (source.config.specpc.max_capacity_prompt, source.config.budget) == (2048, 1024)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from spec_rag.models import (
     cache,
     check_model_source,
     clear_model_cache,
+    fast_dtype,
     fetch_pack,
     get_model,
     list_packs,
@@ -508,7 +509,30 @@ def test_unit_tests_run_with_network_sockets_disabled() -> None:
 def test_get_model_returns_the_same_objects_twice(tiny_model_dir: Path) -> None:
     first = get_model(tiny_model_dir)
     assert get_model(str(tiny_model_dir)) is first
-    assert get_model(tiny_model_dir, dtype="float32") is not first
+    assert get_model(tiny_model_dir, dtype=fast_dtype()) is first  # "auto" names the same dtype
+    assert get_model(tiny_model_dir, dtype="float16") is not first
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    # Without native bfloat16 (AVX2-only CPUs) torch's bfloat16 matmul is ~100x slower than float32.
+    monkeypatch.setattr(loading, "cpu_computes_bfloat16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert fast_dtype() == fast_dtype("cpu") == expected
+    model, _ = load_model(tiny_model_dir)  # the default is "auto"
+    assert next(model.parameters()).dtype == expected
+    assert loading.resolve_dtype("auto", "cpu") == expected
+    assert loading.resolve_dtype("float32") == torch.float32  # a named dtype is taken as is
+
+
+def test_auto_dtype_on_cuda_follows_the_devices_bfloat16_support(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert fast_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert fast_dtype("cuda:0") == torch.float16
+    assert fast_dtype("meta") == torch.float32
 
 
 def test_get_model_loads_once_when_four_threads_ask_at_once(
@@ -571,7 +595,7 @@ def test_smollm2_pack_fetches_once_and_reloads_much_faster(
     second_seconds = time.perf_counter() - started
     print(f"smollm2: first fetch+load {first_seconds:.1f} s, second load {second_seconds:.2f} s")
     assert second_seconds < first_seconds / 4
-    assert model.dtype == torch.bfloat16 and model.spec_rag_name == SMOLLM2
+    assert model.dtype == fast_dtype() and model.spec_rag_name == SMOLLM2
     assert not any(path.suffix == ".gguf" for path in (home / "models" / SMOLLM2).iterdir())
 
 

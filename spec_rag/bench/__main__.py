@@ -176,7 +176,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _own_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float32 or float16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (default: bfloat16 where the device computes it natively, else float32), "
+        "bfloat16, float32 or float16",
+    )
 
 
 def add_bench_parser(

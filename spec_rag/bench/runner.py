@@ -39,7 +39,7 @@ class Models:
     target: str
     draft: str | None = None
     load: Loader | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
 
     def loader(self) -> Loader:
         if self.load is not None:

@@ -21,7 +21,7 @@ _cache_lock = threading.Lock()
 def get_model(
     name_or_path: str | os.PathLike[str],
     *,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     allow_download: bool | None = None,
@@ -35,7 +35,7 @@ def get_model(
     torch_device = torch.device(device) if device is not None else torch.device("cpu")
     key: _CacheKey = (
         f"{source.kind}:{source.location}",
-        str(resolve_dtype(dtype)),
+        str(resolve_dtype(dtype, torch_device)),
         str(torch_device),
         attn_implementation,
     )

@@ -13,6 +13,7 @@ Weights load from safetensors only, or from a GGUF file (checked against a sha25
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -161,10 +162,37 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """A torch dtype (or ``"auto"``) from its name, or :class:`InvalidInputError` listing the names."""
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
+@functools.cache
+def cpu_computes_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 matrix products at speed (AVX-512 or AMX through oneDNN).
+
+    Without it (e.g. AVX2-only CPUs) torch falls back to a scalar bfloat16 path that is two
+    orders of magnitude slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fast_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The dtype ``"auto"`` loads models in on ``device`` (default CPU): bfloat16 where the device
+    computes it natively (CUDA with bfloat16 support, CPUs with AVX-512 or AMX), float16 on other
+    CUDA devices, float32 elsewhere."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if kind == "cpu" and cpu_computes_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """A torch dtype from its name (``"auto"``: :func:`fast_dtype` for ``device``), or
+    :class:`InvalidInputError` listing the names."""
+    if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return fast_dtype(device)
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -188,7 +216,7 @@ def _load_safetensors(directory_or_id: str, common: dict[str, Any]) -> ModelAndT
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
-    dtype: str | torch.dtype = "bfloat16",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
@@ -203,7 +231,7 @@ def load_model(
     loads from the local hub cache; the hub is contacted only with ``allow_download=True`` (or
     ``SPEC_RAG_ALLOW_DOWNLOAD=1``), and never while ``HF_HUB_OFFLINE`` is set.
     """
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     source = resolve_model_source(name_or_path, allow_download=allow_download)
     common: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:

@@ -96,7 +96,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
     chunk_overlap: int | None = None
     config: SpecPCConfig | None = None
 
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str | None = None
     order: Literal["input", "score"] = "input"
     instruction: str | None = None

@@ -207,7 +207,7 @@ def test_metadata_before_loading_uses_a_default_and_the_model_name():
 
 def test_default_target_and_draft_are_the_qwen_pair():
     llm = SpecKVLLM()
-    assert (llm.model, llm.draft, llm.method) == (DEFAULT_TARGET, DEFAULT_DRAFT, "speckv")
+    assert (llm.model, llm.draft, llm.method) == (DEFAULT_TARGET, DEFAULT_DRAFT, "speckv-pc")
 
 
 def test_a_method_that_needs_a_draft_without_one_is_refused_at_construction():

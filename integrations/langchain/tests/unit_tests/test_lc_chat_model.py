@@ -71,7 +71,7 @@ def test_construction_loads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         max_retries=2,
         api_key="x",
     )
-    assert chat.model_name == "qwen2.5-coder-1.5b-instruct" and chat.method == "speckv"
+    assert chat.model_name == "qwen2.5-coder-1.5b-instruct" and chat.method == "speckv-pc"
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from llama_index.core.llms.llm import ToolSelection, default_completion_to_promp
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.types import PydanticProgramMode
 
-from spec_rag import Generation, SpecEngine
+from spec_rag import DEFAULT_METHOD, Generation, SpecEngine
 from spec_rag.adapters import (
     DEFAULT_MAX_INPUT_TOKENS,
     SAMPLING_FIELDS,
@@ -99,7 +99,7 @@ class SpecKVLLM(FunctionCallingLLM):
     ``draft_tokenizer=...`` when its tokenizer differs from the target's); it is only loaded for
     methods that use it, and a target you name needs its draft named.
 
-    ``method`` is ``"speckv"`` (default), ``"specpc"``, ``"speckv-pc"``, ``"snapkv"``,
+    ``method`` is ``"speckv-pc"`` (default), ``"speckv"``, ``"specpc"``, ``"snapkv"``,
     ``"streamingllm"`` or ``"full"``; ``max_capacity_prompt`` is its budget (KV entries kept
     per head, or prompt tokens for SpecPC), ``prompt_capacity`` SpecKV-PC's prompt budget.
     ``None`` keeps the method's default.
@@ -140,7 +140,8 @@ class SpecKVLLM(FunctionCallingLLM):
         default=None, description="Draft model: a spec-rag pack name, a local path or a hub id."
     )
     method: str = Field(
-        default="speckv", description="full, specpc, speckv, speckv-pc, snapkv or streamingllm."
+        default=DEFAULT_METHOD,
+        description="speckv-pc (default), speckv, specpc, snapkv, streamingllm or full.",
     )
     max_capacity_prompt: Budget | None = Field(
         default=None, description="The method's budget (None: its default)."
@@ -161,7 +162,11 @@ class SpecKVLLM(FunctionCallingLLM):
     context_window: Budget | None = Field(
         default=None, description="Context window reported to LlamaIndex (None: the target's)."
     )
-    dtype: str = Field(default="bfloat16", description="dtype the models are loaded in (by name).")
+    dtype: str = Field(
+        default="auto",
+        description="dtype the models are loaded in (by name); auto: bfloat16 where the device "
+        "computes it natively, else float32.",
+    )
     device: str | None = Field(default=None, description="Device the models are loaded on (default CPU).")
     max_input_tokens: InputCeiling = Field(
         default=DEFAULT_MAX_INPUT_TOKENS,

@@ -92,7 +92,11 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
     instruction: str | None = Field(
         default=None, description="Instruction line of the compression prompt (default: spec-rag's)."
     )
-    dtype: str = Field(default="bfloat16", description="dtype the draft is loaded in (by name).")
+    dtype: str = Field(
+        default="auto",
+        description="dtype the draft is loaded in (by name); auto: bfloat16 where the device "
+        "computes it natively, else float32.",
+    )
     device: str | None = Field(default=None, description="Device the draft is loaded on (default CPU).")
     max_input_tokens: InputCeiling = Field(
         default=DEFAULT_MAX_INPUT_TOKENS,
