@@ -120,7 +120,7 @@ def test_responses_carry_token_usage_and_engine_stats(llm):
     response = llm.complete(PROMPT)
     usage = response.raw["usage"]
     stats = response.raw["spec_rag"]
-    assert stats["method"] == "speckv"
+    assert stats["method"] == "speckv-pc"  # the default method
     assert stats["kv_cache_tokens"] == 32 < stats["prompt_tokens"]
     assert usage == {
         "prompt_tokens": stats["prompt_tokens"],
@@ -148,7 +148,7 @@ def test_chat_passes_roles_and_content_to_the_chat_template(llm, engine):
     expected = _expected(engine, [{"role": "system", "content": "Answer briefly."}, *_user(PROMPT)])
     assert response.message.role == MessageRole.ASSISTANT
     assert response.message.content == expected
-    assert response.raw["spec_rag"]["method"] == "speckv"
+    assert response.raw["spec_rag"]["method"] == "speckv-pc"
 
 
 def test_stream_chat_deltas_add_up_to_the_chat_answer(llm):

@@ -81,7 +81,7 @@ def test_query_engine_with_specpc_and_speckv_answers_the_planted_fact(index, llm
     response = engine.query(AURORA_QUESTION)
     assert AURORA_ANSWER in str(response)
     [stats] = llm_stats.seen
-    assert stats["method"] == "speckv"
+    assert stats["method"] == "speckv-pc"  # the default method
     assert stats["kv_cache_tokens"] == 96 < stats["prompt_tokens"]
     sources = {node.node.ref_doc_id: node.node.metadata for node in response.source_nodes}
     assert "doc-0" in sources, "the node holding the fact must survive compression"

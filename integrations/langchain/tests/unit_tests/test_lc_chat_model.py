@@ -80,7 +80,7 @@ def test_construction_loads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"model": "t", "llm": object(), "tokenizer": object()}, "one target model"),
         ({"model": "t"}, "needs a draft model"),
         ({"model": "t", "draft": "d", "method": "magic"}, "unknown method"),
-        ({"model": "t", "draft": "d", "prompt_capacity": 512}, "only|speckv-pc"),
+        ({"model": "t", "draft": "d", "method": "speckv", "prompt_capacity": 512}, "only|speckv-pc"),
         ({"model": "t", "draft": "d", "max_capacity_prompt": 16}, "Raise max_capacity_prompt"),
         ({"llm": object()}, "llm and tokenizer go together"),
     ],
@@ -165,7 +165,7 @@ def test_lookahead_tokens_reach_the_engine(target: Any, tokenizer: Any, draft: A
 def test_invoke_reports_usage_and_spec_rag_stats(chat: ChatSpecKV) -> None:
     answer = chat.invoke(LONG_PROMPT)
     stats = answer.response_metadata["spec_rag"]
-    assert stats["method"] == "speckv"
+    assert stats["method"] == "speckv-pc"  # the default method
     assert stats["kv_cache_tokens"] == 64 < stats["prompt_tokens"]
     assert answer.usage_metadata == {
         "input_tokens": stats["prompt_tokens"],
