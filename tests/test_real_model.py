@@ -11,6 +11,7 @@ pytestmark = pytest.mark.real_model
 
 NEEDLE = "\nThe special magic number for the Aurora project is 7319.\n"
 QUESTION = "What is the special magic number for the Aurora project? Answer with the number only."
+QWEN_SMALL = "qwen2.5-coder-0.5b-instruct"
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +61,20 @@ def test_streamingllm_at_256_entries_loses_the_needle(smollm2, needle_chat):
     assert "7319" not in gen.text
 
 
-@pytest.mark.slow  # needs the Qwen pack's tokenizer (make .venv/.qwen-packs), which CI does not install
+@pytest.mark.needs_pack(QWEN_SMALL)
 def test_documents_budgeted_in_a_served_qwen_tokenizer_with_a_smollm2_draft(smollm2):
     """SmolLM2 (49k vocabulary) scores, Qwen's tokenizer (151k), named as an adapter names it,
-    counts: the budget is Qwen's."""
+    counts: the budget is Qwen's. (The 0.5B pack, which CI installs, has the 1.5B's tokenizer.)"""
     from spec_rag.adapters import DocumentCompressor, draft_source
     from spec_rag.models import load_tokenizer
     from spec_rag.retrieval import python_reference_sections
     from spec_rag.specpc import count_tokens
 
     model, tokenizer = smollm2
-    source = draft_source(
-        "test", draft_model=model, draft_tokenizer=tokenizer, target_tokenizer="qwen2.5-coder-1.5b-instruct"
-    )
+    source = draft_source("test", draft_model=model, draft_tokenizer=tokenizer, target_tokenizer=QWEN_SMALL)
     texts = [s.text[:1500] for s in python_reference_sections()[:4]]
     parts = DocumentCompressor(source).compress("What does the assert statement do?", texts, budget=256)
-    qwen = load_tokenizer("qwen2.5-coder-1.5b-instruct")
+    qwen = load_tokenizer(QWEN_SMALL)
     served = count_tokens(qwen, [p.text for p in parts])
     assert 250 <= sum(served) <= 256
     assert [p.kept_tokens for p in parts] == served

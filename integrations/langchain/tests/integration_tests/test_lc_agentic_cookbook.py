@@ -11,10 +11,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-pytestmark = pytest.mark.slow  # the Qwen packs (`make demo` installs them)
-
 NOTEBOOK = Path(__file__).resolve().parents[4] / "cookbooks" / "langgraph_agentic_rag.ipynb"
 QWEN_SMALL = "qwen2.5-coder-0.5b-instruct"
+
+pytestmark = pytest.mark.needs_pack(QWEN_SMALL)  # `make install` installs it
 
 
 def _text_outputs(cell: nbformat.NotebookNode) -> str:

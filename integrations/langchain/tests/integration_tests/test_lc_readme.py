@@ -1,5 +1,6 @@
 """The README's Python examples run as written: SmolLM2-135M stands in for the Qwen pair, except in
-the tools example, which needs a chat template with tools and runs on Qwen2.5-Coder-0.5B (slow)."""
+the tools example, which needs a chat template with tools and runs on Qwen2.5-Coder-0.5B (as both
+target and draft)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_readme_quick_start_runs_and_answers() -> None:
     assert "KV entries per head" in printed and "'kept_tokens'" in printed
 
 
-@pytest.mark.slow
+@pytest.mark.needs_pack(QWEN_SMALL)
 def test_readme_tools_example_calls_the_tool_grades_and_answers() -> None:
     blocks = _blocks(tools=True)
     assert len(blocks) == 1
