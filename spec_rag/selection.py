@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from spec_rag.errors import InvalidInputError
 from spec_rag.scoring import pool_scores
 
 
@@ -69,6 +70,34 @@ def select_prompt_tokens(
     return kept.sort().values
 
 
+def forced_positions(
+    prompt_length: int, *, first: int = 0, last: int = 0, protected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[F]`` sorted positions a KV selection keeps whatever the scores: the ``first`` positions
+    (attention sinks), the ``last`` ones (the window) and the ``protected`` ones (``[L]`` bool)."""
+    forced = torch.zeros(prompt_length, dtype=torch.bool)
+    forced[: min(first, prompt_length)] = True
+    forced[prompt_length - min(last, prompt_length) :] = True
+    if protected is not None:
+        forced |= protected.to(device="cpu", dtype=torch.bool)[:prompt_length]
+    return torch.nonzero(forced, as_tuple=False).flatten()
+
+
+def check_kv_capacity(
+    capacity: int, forced: int, protected: torch.Tensor | None, *, kept: str, method: str = "KV cache"
+) -> None:
+    """A clear error when ``capacity`` cannot hold the ``forced`` positions never evicted: a tool
+    prompt's template structure (``protected``, ``[L]`` bool) and ``kept`` (e.g. the window)."""
+    if forced <= capacity:
+        return
+    structure = int(protected.sum()) if protected is not None else 0
+    raise InvalidInputError(
+        f"the {method} budget ({capacity}) cannot hold the KV entries it never evicts: the tool prompt's "
+        f"template structure ({structure} tokens: tool definitions, earlier calls, call and result "
+        f"tags) and {kept}, {forced} positions in all. Raise max_capacity_prompt to {forced} or more."
+    )
+
+
 def select_kv_positions(
     head_scores: torch.Tensor,
     prompt_length: int,
@@ -77,16 +106,26 @@ def select_kv_positions(
     window_size: int,
     kernel_size: int,
     pool_type: str,
+    protected: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SpecKV / SnapKV selection for one layer.
 
     Args:
         head_scores: ``[kv_heads, L]`` scores of the prompt positions.
+        protected: ``[L]`` bool, positions every head keeps (a tool prompt's template structure),
+            counted in ``capacity``; ``None``: none.
 
     Returns:
-        ``[kv_heads, C]`` sorted positions: per head the top ``C - w`` of ``x[:-w]`` by pooled
-        score, plus the last ``w`` positions.
+        ``[kv_heads, C]`` sorted positions: per head the last ``w`` positions, the protected
+        ones, and the top-scored of the rest of ``x[:-w]`` (by pooled score) filling ``C``.
+
+    Raises:
+        InvalidInputError: the window and the protected positions alone exceed ``capacity``.
     """
+    if protected is not None:
+        return _select_kv_protected(
+            head_scores, prompt_length, capacity, window_size, kernel_size, pool_type, protected
+        )
     kv_heads = head_scores.shape[0]
     window_size = min(window_size, prompt_length)
     recent = torch.arange(prompt_length - window_size, prompt_length, device=head_scores.device)
@@ -99,8 +138,51 @@ def select_kv_positions(
     return torch.cat([top.sort(dim=-1).values, recent], dim=-1)  # [kv_heads, C]
 
 
-def streaming_positions(prompt_length: int, capacity: int, sink_tokens: int) -> torch.Tensor:
-    """StreamingLLM: the first ``sink_tokens`` positions plus the most recent ones, ``[C]``."""
-    sinks = torch.arange(min(sink_tokens, capacity))
-    recent = torch.arange(prompt_length - (capacity - sinks.numel()), prompt_length)
-    return torch.cat([sinks, recent])
+def _select_kv_protected(
+    head_scores: torch.Tensor,
+    prompt_length: int,
+    capacity: int,
+    window_size: int,
+    kernel_size: int,
+    pool_type: str,
+    protected: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`select_kv_positions` with ``protected`` (``[L]`` bool) positions kept by every head."""
+    kv_heads = head_scores.shape[0]
+    window_size = min(window_size, prompt_length)
+    forced = forced_positions(prompt_length, last=window_size, protected=protected)  # [F]
+    kept = f"the last {window_size} positions (window_size)"
+    check_kv_capacity(capacity, forced.numel(), protected, kept=kept)
+    forced = forced.to(head_scores.device)
+    prefix = prompt_length - window_size
+    pooled = pool_scores(head_scores[:, :prefix], kernel_size, pool_type)  # [kv, L-w]
+    taken = torch.zeros(prefix, dtype=torch.bool, device=head_scores.device)
+    taken[forced[forced < prefix]] = True
+    pooled = pooled.masked_fill(taken, float("-inf"))  # only the positions not forced compete
+    top = pooled.topk(min(capacity - forced.numel(), prefix - int(taken.sum())), dim=-1).indices  # [kv, C-F]
+    return torch.cat([top, forced.expand(kv_heads, -1)], dim=-1).sort(dim=-1).values  # [kv_heads, C]
+
+
+def streaming_positions(
+    prompt_length: int, capacity: int, sink_tokens: int, protected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """StreamingLLM: the first ``sink_tokens`` positions plus the most recent ones, ``[C]``;
+    ``protected`` (``[L]`` bool, a tool prompt's template structure) positions are kept too,
+    counted in ``capacity``, and the most recent others fill what is left.
+
+    Raises:
+        InvalidInputError: the sinks and the protected positions alone exceed ``capacity``.
+    """
+    if protected is None:
+        sinks = torch.arange(min(sink_tokens, capacity))
+        recent = torch.arange(prompt_length - (capacity - sinks.numel()), prompt_length)
+        return torch.cat([sinks, recent])
+    sink_tokens = min(sink_tokens, prompt_length)
+    forced = forced_positions(prompt_length, first=sink_tokens, protected=protected)  # [F]
+    kept = f"the first {sink_tokens} positions (sink_tokens)"
+    check_kv_capacity(capacity, forced.numel(), protected, kept=kept)
+    free = torch.ones(prompt_length, dtype=torch.bool)
+    free[forced] = False
+    rest = torch.nonzero(free, as_tuple=False).flatten()
+    recent = rest[max(rest.numel() - (capacity - forced.numel()), 0) :]
+    return torch.cat([forced, recent]).sort().values

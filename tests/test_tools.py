@@ -60,14 +60,14 @@ ADD = {  # a bare tool, as some callers write them
 TOOLS = [SEARCH, ADD]
 PARAMETERS = {"search": SEARCH["function"]["parameters"], "add": ADD["parameters"]}  # type: ignore[index]
 
-KV = SpecKVConfig(max_capacity_prompt=128, window_size=8)
+KV = SpecKVConfig(max_capacity_prompt=640, window_size=8)  # holds the tool structure (611 tokens)
 PC = SpecPCConfig(max_capacity_prompt=720, window_size=16)
 CONFIGS = {
     "full": None,
-    "snapkv": SnapKVConfig(max_capacity_prompt=128, window_size=8),
-    "streamingllm": StreamingLLMConfig(max_capacity_prompt=128),
+    "snapkv": SnapKVConfig(max_capacity_prompt=640, window_size=8),
+    "streamingllm": StreamingLLMConfig(max_capacity_prompt=640),
     "speckv": KV,
-    "speckv-verified": SpecKVConfig(max_capacity_prompt=128, window_size=8, verify_lookahead=True),
+    "speckv-verified": SpecKVConfig(max_capacity_prompt=640, window_size=8, verify_lookahead=True),
     "specpc": PC,
     "speckv-pc": SpecKVPCConfig(specpc=PC, speckv=KV),
 }
@@ -366,7 +366,7 @@ def test_streaming_a_tool_call_yields_only_content_and_ends_with_the_call(engine
 def test_generate_from_a_scoring_with_tools_constrains_and_parses(tok, models):
     engine = SpecEngine(models[0], tok, models[1], config=KV)
     scored = engine.score(conversation(), tools=TOOLS, max_new_tokens=40)
-    for budget in (64, 128):
+    for budget in (640, 768):
         answer = engine.generate_from(scored, budget=budget, tool_choice="add", max_new_tokens=80)
         assert_valid_call(answer.tool_calls[0], ("add",))
 
@@ -418,7 +418,7 @@ def _self_drafted(models: tuple[Any, Any], tok: Any) -> SpecEngine:
     """SpecKV with the target as its own draft: its greedy lookahead is the target's own answer,
     so unconstrained the whole lookahead is accepted."""
     target = models[0]
-    config = SpecKVConfig(max_capacity_prompt=128, window_size=8, verify_lookahead=True, lookahead_tokens=8)
+    config = SpecKVConfig(max_capacity_prompt=640, window_size=8, verify_lookahead=True, lookahead_tokens=8)
     return SpecEngine(target, tok, target, config=config)
 
 

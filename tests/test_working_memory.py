@@ -57,10 +57,10 @@ def test_streamingllm_cuts_each_layer_inside_its_prefill(tokenizer, long_text, m
     seen: list[list[int]] = []  # per cut: every layer's cache length at that moment
     original = streaming_module.StreamingLLM.cut_layer
 
-    def spy(self, cache, length, budget, layer, scores):
+    def spy(self, cache, length, budget, layer, scores, **kwargs):
         written = cache.layers[: layer + 1]  # the later layers have not run yet
         seen.append([int(entry.keys.shape[2]) for entry in written])
-        original(self, cache, length, budget, layer, scores)
+        original(self, cache, length, budget, layer, scores, **kwargs)
 
     monkeypatch.setattr(streaming_module.StreamingLLM, "cut_layer", spy)
     text = long_text[:700]

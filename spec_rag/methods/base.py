@@ -24,7 +24,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, Prompt, check_fits, encode, encode_prompt
+from spec_rag._prompt import (
+    DEFAULT_MAX_INPUT_TOKENS,
+    Prompt,
+    check_fits,
+    encode,
+    encode_prompt,
+    has_tool_structure,
+)
 from spec_rag.config import MethodInfo
 from spec_rag.generation import (
     GenerationStats,
@@ -35,7 +42,8 @@ from spec_rag.generation import (
     new_cache,
 )
 from spec_rag.scoring import HeadScoreRecorder, LayerHook
-from spec_rag.selection import select_kv_positions
+from spec_rag.selection import check_kv_capacity, forced_positions, select_kv_positions
+from spec_rag.specpc import tool_structure_tokens
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,13 @@ class Models:
             return []
         ids = encode(self.tokenizer, text, templated=True, max_tokens=self.max_input_tokens)["input_ids"]
         return list(ids.tolist())
+
+    def encode_target(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[L]`` target ids of ``prompt``, and ``[L]`` bool of its tool structure (the template's
+        text and earlier calls, never evicted; ``None`` for a prompt without tools)."""
+        tools = has_tool_structure(prompt)
+        enc = encode_prompt(self.tokenizer, prompt, offsets=tools, max_tokens=self.max_input_tokens)
+        return enc["input_ids"], tool_structure_tokens(prompt, enc) if tools else None
 
 
 #: How many of a drafted continuation's first tokens may be written (a grammar's verdict).
@@ -133,6 +148,8 @@ class ScoredCache(ScoredPrompt):
             scores were known, so the whole prompt's cache never existed at once (scored for one
             budget only); the cache then holds ``C`` prompt entries per head, then the lookahead's.
         window: the last ``window`` positions are always kept.
+        protected: ``[L]`` bool, the prompt's tool structure (template text, earlier calls), kept
+            in every layer and head at every budget; ``None`` for a prompt without tools.
     """
 
     length: int = 0
@@ -143,6 +160,7 @@ class ScoredCache(ScoredPrompt):
     head_scores: dict[int, torch.Tensor] | None = None
     window: int = 0
     cut: int | None = None
+    protected: torch.Tensor | None = None
 
 
 class Method:
@@ -229,16 +247,25 @@ class CacheMethod(Method):
         return min(int(getattr(self.config, "window_size", 0)), length)
 
     def score(self, request: Request, budget: int | None = None) -> ScoredCache:
-        models = self.models
-        ids = encode_prompt(models.tokenizer, request.prompt, max_tokens=models.max_input_tokens)["input_ids"]
+        ids, protected = self.models.encode_target(request.prompt)
         request.stats.prompt_tokens = ids.numel()
-        return self.score_ids(request, ids, budget)
+        return self.score_ids(request, ids, budget, protected=protected)
 
-    def score_ids(self, request: Request, ids: torch.Tensor, budget: int | None = None) -> ScoredCache:
-        """:meth:`score` of a prompt already in target ids ``[L]``."""
+    def score_ids(
+        self,
+        request: Request,
+        ids: torch.Tensor,
+        budget: int | None = None,
+        *,
+        protected: torch.Tensor | None = None,
+    ) -> ScoredCache:
+        """:meth:`score` of a prompt already in target ids ``[L]``; ``protected`` (``[L]`` bool):
+        its tool structure, never evicted (``None``: none)."""
         stats = request.stats
         length = ids.numel()
         check_fits(self.models.target, length + len(request.lookahead or []), role="target")
+        if budget is not None and budget < length:
+            self.check_kept(length, budget, protected)  # before any forward
         stats.target_prefill_tokens = length
         scoring = budget is None or budget < length
         recorder = self.recorder(length) if scoring else None
@@ -251,7 +278,7 @@ class CacheMethod(Method):
         cut = budget if recorder is not None and self.cuts_in_forward() else None
         if cut is not None:
             assert recorder is not None
-            recorder.on_layer = partial(self.cut_layer, cache, length, cut)
+            recorder.on_layer = partial(self.cut_layer, cache, length, cut, protected=protected)
         t0 = time.perf_counter()
         # The target's next-token logits after x, x y_0, ..., x y_<n: positions L - 1 .. L + n - 1.
         rows = forward(
@@ -276,13 +303,35 @@ class CacheMethod(Method):
             head_scores=head_scores,
             window=self.window(length),
             cut=cut,
+            protected=protected,
         )
 
+    def forced(self, length: int, protected: torch.Tensor | None) -> tuple[torch.Tensor, str]:
+        """``[F]`` prompt positions kept at every budget (the window and the ``[L]`` bool
+        ``protected`` tool structure), and what they are, in words."""
+        window = self.window(length)
+        forced = forced_positions(length, last=window, protected=protected)
+        return forced, f"the last {window} positions (window_size)"
+
+    def check_kept(self, length: int, budget: int, protected: torch.Tensor | None) -> None:
+        """A clear error when ``budget`` cannot hold what is never evicted. Only tool prompts
+        (``protected`` given) are checked: without tool structure the selection is as it was."""
+        if protected is not None:
+            forced, kept = self.forced(length, protected)
+            check_kv_capacity(budget, forced.numel(), protected, kept=kept, method=self.name)
+
     def cut_layer(
-        self, cache: Any, length: int, budget: int, layer: int, scores: torch.Tensor | None
+        self,
+        cache: Any,
+        length: int,
+        budget: int,
+        layer: int,
+        scores: torch.Tensor | None,
+        *,
+        protected: torch.Tensor | None = None,
     ) -> None:
         """Keep ``budget`` prompt entries per head of ``layer``'s cache (chosen from its ``[kv_heads,
-        L]`` ``scores``) and every lookahead entry after them."""
+        L]`` ``scores``, the ``protected`` ``[L]`` positions always) and every lookahead entry after them."""
         assert scores is not None
         kept = select_kv_positions(
             scores,
@@ -291,6 +340,7 @@ class CacheMethod(Method):
             window_size=self.window(length),
             kernel_size=self.config.kernel_size,
             pool_type=self.config.pool_type,
+            protected=protected,
         )  # [kv_heads, C]
         entry = cache.layers[layer]
         lookahead = torch.arange(length, entry.keys.shape[2], device=kept.device)  # [n]
@@ -309,6 +359,7 @@ class CacheMethod(Method):
                     window_size=scored.window,
                     kernel_size=self.config.kernel_size,
                     pool_type=self.config.pool_type,
+                    protected=scored.protected,
                 )
                 for layer in range(len(scored.cache.layers))
             ]
@@ -347,6 +398,7 @@ class CacheMethod(Method):
                 )
             prompt_entries = scored.cut
         if scored.cut is None and budget is not None and budget < length:
+            self.check_kept(length, budget, scored.protected)
             positions: torch.Tensor | None = self.positions(scored, budget)
             assert positions is not None
             if positions.dim() == 1:  # [C], every head

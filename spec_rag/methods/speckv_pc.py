@@ -3,6 +3,7 @@
 The draft reads the whole prompt once and writes SpecKV's lookahead; its attention (with the
 lookahead's queries) cuts the prompt (SpecPC), and the lookahead, appended to the kept prompt,
 guides the target's KV selection (SpecKV). Nothing here is new code: it chains the two methods.
+A tool prompt's template structure survives SpecPC's cut, and SpecKV keeps its entries too.
 """
 
 from __future__ import annotations
@@ -32,19 +33,22 @@ class SpecKVPC(Method):
         A prompt that fits the SpecPC budget is not cut: the draft only writes the lookahead
         (SpecKV alone), and not even that when the prompt also fits the cache budget.
 
+        The cache stage never evicts the tool structure of the prompt it prefills (the kept one).
+
         A prompt scored in chunks (past the draft's window) has no draft pass over all of it:
         the draft then writes the lookahead from the kept prompt, which is what the target
         reads."""
         pc_budget = self.specpc.config.max_capacity_prompt
         n = self.speckv.lookahead_length(request)
         tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n)
-        ids, kept_prompt = self.specpc.cut_prompt(tokens, pc_budget, request.stats)
+        ids, kept_prompt, protected = self.specpc.cut_prompt(tokens, pc_budget, request.stats)
         lookahead = tokens.lookahead if tokens.scores is not None else None  # None: SpecKV writes it
         request.stats.lookahead_tokens = len(tokens.lookahead)
         if tokens.chunks > 1:  # the draft writes the lookahead from the kept prompt
             request = replace(request, prompt=kept_prompt)
             lookahead = None
-        scored = self.speckv.score_ids(replace(request, lookahead=lookahead), ids, budget)
+        request = replace(request, lookahead=lookahead)
+        scored = self.speckv.score_ids(request, ids, budget, protected=protected)
         scored.method = self.name
         return scored
 

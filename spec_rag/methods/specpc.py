@@ -116,9 +116,10 @@ class SpecPCMethod(Method):
 
     def cut_prompt(
         self, scored: ScoredTokens, budget: int, stats: GenerationStats
-    ) -> tuple[torch.Tensor, Prompt]:
-        """``[kept]`` target ids of the prompt kept at ``budget``, and the kept prompt itself
-        (text or chat messages) for a model that tokenises it anew."""
+    ) -> tuple[torch.Tensor, Prompt, torch.Tensor | None]:
+        """``[kept]`` target ids of the prompt kept at ``budget``, the kept prompt itself (text or
+        chat messages) for a model that tokenises it anew, and ``[kept]`` bool: which of the kept
+        ids are the tool structure (template text, earlier calls; ``None`` without tools)."""
         models = self.models
         t0 = time.perf_counter()
         if scored.scores is None:
@@ -127,7 +128,10 @@ class SpecPCMethod(Method):
                     f"this SpecPC scoring skipped the draft (the prompt fit its budget); budget {budget} "
                     "would cut it: score the prompt without a budget (engine.score(prompt))."
                 )
-            return self.whole_prompt(scored), scored.prompt
+            if models.shared_vocabulary:
+                return scored.input_ids, scored.prompt, scored.protected
+            ids, protected = models.encode_target(scored.prompt)
+            return ids, scored.prompt, protected
         compression = self.compressor.cut(
             scored.text, scored.input_ids, scored.offsets, scored.scores, budget, protected=scored.protected
         )
@@ -141,20 +145,14 @@ class SpecPCMethod(Method):
                 scored.offsets,
                 compression.kept_positions,
             )
+        protected = scored.protected
         if models.shared_vocabulary:
             ids = compression.input_ids
+            protected = None if protected is None else protected[compression.kept_positions]
         else:  # the kept text (or chat), re-tokenised by the target
-            ids = encode_prompt(models.tokenizer, kept_prompt, max_tokens=models.max_input_tokens)[
-                "input_ids"
-            ]
+            ids, protected = models.encode_target(kept_prompt)
         stats.draft_s += time.perf_counter() - t0
-        return ids, kept_prompt
-
-    def whole_prompt(self, scored: ScoredTokens) -> torch.Tensor:
-        """``[L]`` target ids of the prompt, nothing cut."""
-        if self.models.shared_vocabulary:
-            return scored.input_ids
-        return encode_prompt(self.models.tokenizer, scored.prompt)["input_ids"]
+        return ids, kept_prompt, protected
 
     def select(
         self,

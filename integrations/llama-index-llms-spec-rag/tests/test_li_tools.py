@@ -30,7 +30,8 @@ from spec_rag.errors import InvalidInputError
 from spec_rag.tools import ToolsNotSupportedError
 
 NEW_TOKENS = 96
-KV = SpecKVConfig(max_capacity_prompt=32, window_size=8)
+#: Holds the longest prompt's tool structure (723 tokens: tools, earlier calls, tags), never evicted.
+KV = SpecKVConfig(max_capacity_prompt=768, window_size=8)
 QUESTION = "What is the access code for the Aurora vault?"
 
 
@@ -92,7 +93,7 @@ def llm(models) -> SpecKVLLM:
         tokenizer=tokenizer,
         draft_model=draft,
         max_new_tokens=NEW_TOKENS,
-        max_capacity_prompt=32,
+        max_capacity_prompt=KV.max_capacity_prompt,
         window_size=8,
     )
 

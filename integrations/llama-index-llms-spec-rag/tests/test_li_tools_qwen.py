@@ -1,8 +1,8 @@
 """The Qwen pair as a function-calling LlamaIndex LLM (slow: loads the 1.5B target and 0.5B draft).
 
 An agent answers from a retriever-style tool whose result is the town's documents (about 700
-tokens, compressed by SpecKV to a 256-entry budget), and structured_predict reads the planted
-fact into a typed object.
+tokens, compressed by SpecKV to a 384-entry budget, which holds the template's tool structure),
+and structured_predict reads the planted fact into a typed object.
 
 The calls are forced (``initial_tool_choice`` / ``tool_required``): left to choose, the 1.5B
 Coder model was measured writing the call as a fenced JSON block instead of its template's
@@ -43,7 +43,7 @@ def llm() -> SpecKVLLM:
     return SpecKVLLM(
         model="qwen2.5-coder-1.5b-instruct",
         draft="qwen2.5-coder-0.5b-instruct",
-        max_capacity_prompt=256,
+        max_capacity_prompt=384,  # the tool structure and window alone take about 255 entries
         max_new_tokens=64,
     )
 

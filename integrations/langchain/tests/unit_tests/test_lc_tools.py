@@ -185,7 +185,8 @@ def test_profile_says_tools_where_the_template_renders_them(chat: ChatSpecKV) ->
 def test_a_forced_call_comes_back_as_a_tool_call_with_valid_arguments(
     tool_target: Any, tool_tokenizer: Any, tool_draft: Any, method: str
 ) -> None:
-    chat = _chat(tool_target, tool_tokenizer, tool_draft, method=method)
+    # SpecKV's budget holds the two tools' template structure (564 tokens), which is never evicted.
+    chat = _chat(tool_target, tool_tokenizer, tool_draft, method=method, max_capacity_prompt=640)
     message = chat.bind_tools([Add, retrieve], tool_choice="Add").invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage)
     assert len(message.tool_calls) == 1
@@ -297,7 +298,9 @@ def test_prompt_compression_shortens_a_long_tool_result_and_keeps_the_call_struc
     short_tokens = chat.get_num_tokens_from_messages(_history(), tools=[retrieve])  # one sentence of result
     full_tokens = chat.get_num_tokens_from_messages(history, tools=[retrieve])
     budget = short_tokens + 120  # the structure fits; the forty documents do not
-    budgets = {"max_capacity_prompt": budget} if method == "specpc" else {"prompt_capacity": budget}
+    # SpecKV-PC's cache keeps the structure (no longer than the short prompt) and the window.
+    cascade = {"prompt_capacity": budget, "max_capacity_prompt": short_tokens + 16}
+    budgets = {"max_capacity_prompt": budget} if method == "specpc" else cascade
     chat = _chat(tool_target, tool_tokenizer, tool_draft, method=method, max_tokens=4, **budgets)
     prefill = _Prefill(tool_target)
     try:
