@@ -290,7 +290,8 @@ def decode_tokens(
 
     ``first_logits`` are the logits of the last prompt token; token ``i`` is fed at RoPE
     position ``next_position + i``. ``result`` (if given) collects the ids and finish reason.
-    ``feed_last`` also runs the final token through the model, so a recorder sees its query.
+    ``feed_last`` also runs the final token through the model (the one the grammar completes on,
+    too), so a recorder sees its query.
 
     ``accepted`` tokens come first, as they are: the cache already holds their entries, so they
     cost no forward; ``first_logits`` are then the logits after the last of them and
@@ -320,14 +321,16 @@ def decode_tokens(
             return
         result.token_ids.append(token)
         yield token
-        if guide is not None and guide.is_finished:
+        finished = guide is not None and guide.is_finished  # the grammar is complete: stop
+        last = finished or step + 1 == params.max_new_tokens
+        # An accepted token's entry is already cached; the last token needs no forward (unless fed).
+        if not drafted and (feed_last or not last):
+            ids = torch.tensor([[token]], device=model.device)
+            logits = forward(model, ids, cache, position_start=position, recorder=recorder)[-1]
+            position += 1
+        if finished:
             result.finish_reason = "stop"
             return
-        if drafted or (step + 1 == params.max_new_tokens and not feed_last):
-            continue  # an accepted token's entry is already cached; the last step needs no forward
-        ids = torch.tensor([[token]], device=model.device)
-        logits = forward(model, ids, cache, position_start=position, recorder=recorder)[-1]
-        position += 1
     result.finish_reason = "length"
 
 

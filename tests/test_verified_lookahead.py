@@ -219,3 +219,36 @@ def test_the_prefill_cuts_each_layer_as_soon_as_its_scores_are_known(target, dra
     length = answer.stats.prompt_tokens
     assert first_layer == [24 + 4, length + 4]
     assert engine.generate_from(scored, max_new_tokens=4).token_ids == answer.token_ids
+
+
+# -- the lookahead under the answer's grammar ------------------------------------------------------
+def test_the_token_the_grammar_completes_on_is_fed_when_asked(target, tokenizer):
+    """``feed_last``: the draft's last lookahead token reaches the model (so a recorder sees its
+    query) also when the grammar ends the lookahead."""
+    from spec_rag.constrained import Constraint, Guide
+
+    constraint = Constraint.lark(tokenizer, "start: <[40]> <[41]>")
+    for feed_last, fed in ((True, [1, 1]), (False, [1])):
+        lengths: list[int] = []
+        handle = target.register_forward_pre_hook(
+            lambda m, args, kwargs, lengths=lengths: lengths.append(kwargs["input_ids"].shape[1]),
+            with_kwargs=True,
+        )
+        result = DecodeResult()
+        try:
+            tokens = list(
+                decode_tokens(
+                    target,
+                    new_cache(target),
+                    torch.zeros(len(tokenizer)),
+                    next_position=0,
+                    params=SamplingParams(max_new_tokens=8),
+                    eos_token_ids=[tokenizer.eos_token_id],
+                    result=result,
+                    feed_last=feed_last,
+                    guide=Guide(constraint.new_state()),
+                )
+            )
+        finally:
+            handle.remove()
+        assert tokens == [40, 41] and result.finish_reason == "stop" and lengths == fed
