@@ -417,6 +417,7 @@ class SpecEngine:
             stats,
             greedy=params.greedy,
             accept=guide.count_accepted if guide is not None else None,
+            guide=structure.guide if guide is not None else None,  # fresh guides for the draft
         )
         return GenerationStream(self, params, lambda: self._method.prefill(request), stats, structure, guide)
 

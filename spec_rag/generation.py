@@ -45,9 +45,10 @@ class SamplingParams:
 class GenerationStats:
     """What one request cost. Token counts are per sequence; ``kv_cache_tokens`` is the number of
     prompt entries each KV head keeps while decoding. ``lookahead_accepted`` counts the draft's
-    lookahead tokens the target's own greedy choice agreed with (SpecKV's verified lookahead): the
-    answer opens with them (and the target's next token), exactly as full-cache greedy decoding
-    would write it, as far as ``max_new_tokens`` allows."""
+    lookahead tokens the target's own greedy choice (under the answer's grammar, if any) agreed
+    with (SpecKV's verified lookahead): the answer opens with them (and the target's next
+    token), exactly as full-cache greedy decoding would write it, as far as ``max_new_tokens``
+    allows."""
 
     method: str = "full"
     prompt_tokens: int = 0

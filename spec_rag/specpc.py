@@ -35,6 +35,7 @@ from spec_rag._prompt import (
     with_tools,
 )
 from spec_rag.config import CHUNK_SINK_TOKENS, SpecPCConfig
+from spec_rag.constrained import Guide
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import SamplingParams, decode_tokens, forward, new_cache
 from spec_rag.scoring import TokenScoreRecorder, enable_scoring, pool_scores
@@ -159,11 +160,18 @@ def draft_pass(
     lookahead_tokens: int,
     eos_token_ids: Sequence[int],
     recorder: TokenScoreRecorder | None = None,
+    guide: Guide | None = None,
 ) -> list[int]:
     """The draft prefills ``input_ids`` (``[L]``) and greedily writes ``lookahead_tokens`` tokens.
 
     With a recorder, the window queries of the prefill and every lookahead token's query are
     scored against the prompt. Returns the lookahead token ids (shorter if EOS came first).
+
+    ``guide`` (a fresh one, used up here) makes the draft write its lookahead under the answer's
+    grammar, as the target will write the answer: each step's logits are masked (rows past the
+    grammar's vocabulary, a padded embedding's, are forbidden), and the lookahead ends once the
+    grammar is complete. Its grammar masks token ids, so it must be compiled for the draft's
+    own vocabulary (the target's, when the two share it).
     """
     cache = new_cache(model)
     length = input_ids.numel()
@@ -179,6 +187,7 @@ def draft_pass(
             eos_token_ids=eos_token_ids,
             recorder=recorder,
             feed_last=recorder is not None,
+            guide=guide,
         )
     )
 
@@ -265,6 +274,7 @@ class SpecPC:
         *,
         lookahead_tokens: int | None = None,
         generate_tokens: int | None = None,
+        guide: Guide | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Raw (unsmoothed) importance of every token of ``input_ids`` ``[L]``, and the lookahead.
 
@@ -272,8 +282,11 @@ class SpecPC:
         lookahead than it scores, e.g. for SpecKV: scores use the first ``lookahead_tokens``
         queries only, so they equal a pass that writes no more.
 
+        ``guide`` (a fresh one, for the draft's vocabulary) writes the lookahead under the
+        answer's grammar (see :func:`draft_pass`).
+
         A prompt longer than :meth:`chunk_limit` is scored in chunks (:meth:`chunk_slices`);
-        no pass then reads the whole prompt, so no lookahead is returned.
+        no pass then reads the whole prompt, so no lookahead is returned (and ``guide`` is unused).
         """
         cfg = self.config
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
@@ -285,7 +298,12 @@ class SpecPC:
         check_fits(self.model, length + total, role="draft")
         recorder = self._recorder(length, n)
         lookahead = draft_pass(
-            self.model, input_ids, lookahead_tokens=total, eos_token_ids=self._eos, recorder=recorder
+            self.model,
+            input_ids,
+            lookahead_tokens=total,
+            eos_token_ids=self._eos,
+            recorder=recorder,
+            guide=guide,
         )
         return recorder.scores().cpu(), lookahead
 

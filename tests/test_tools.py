@@ -5,6 +5,7 @@ included), tool results compressed without cutting the template's structure."""
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import jsonschema
@@ -415,31 +416,91 @@ def test_a_budget_below_the_tool_structure_says_so(tok, models):
 
 # -- the verified lookahead under a grammar ----------------------------------------------------------
 def _self_drafted(models: tuple[Any, Any], tok: Any) -> SpecEngine:
-    """SpecKV with the target as its own draft: its greedy lookahead is the target's own answer,
-    so unconstrained the whole lookahead is accepted."""
+    """SpecKV with the target as its own draft: its greedy lookahead is the target's own answer
+    (under the answer's grammar, when there is one), so the whole lookahead is accepted."""
     target = models[0]
     config = SpecKVConfig(max_capacity_prompt=640, window_size=8, verify_lookahead=True, lookahead_tokens=8)
     return SpecEngine(target, tok, target, config=config)
 
 
-def test_a_drafted_token_the_grammar_forbids_is_never_accepted(tok, models):
+def test_a_lookahead_drafted_without_the_grammar_is_not_accepted_where_the_grammar_forbids(tok, models):
+    """engine.score knows no grammar, so its draft writes freely: answered under a schema from
+    that scoring, no drafted token the schema forbids is accepted."""
     engine = _self_drafted(models, tok)
-    free = engine.generate(conversation(), max_new_tokens=8)
+    scored = engine.score(conversation(), max_new_tokens=8)
+    free = engine.generate_from(scored, max_new_tokens=8)
     assert free.stats.lookahead_accepted == 8  # the target agrees with itself
     assert free.token_ids[0] != tok.encode("{")[0]
-    answer = engine.generate(conversation(), response_format=Verdict, max_new_tokens=40)
+    answer = engine.generate_from(scored, response_format=Verdict, max_new_tokens=40)
     assert answer.stats.lookahead_accepted == 0
     Verdict.model_validate_json(answer.text)
 
 
+def test_under_a_schema_the_draft_writes_a_lookahead_the_target_accepts(tok, models):
+    """generate() under a schema: the draft writes its lookahead under the schema, so all of it
+    is accepted and the answer is full inference's under the schema, token for token."""
+    full = SpecEngine(models[0], tok).generate(conversation(), response_format=Verdict, max_new_tokens=9)
+    assert len(full.token_ids) == 9
+    answer = _self_drafted(models, tok).generate(conversation(), response_format=Verdict, max_new_tokens=9)
+    assert answer.stats.lookahead_accepted == 8
+    assert answer.token_ids == full.token_ids
+
+
 def test_the_accepted_prefix_is_what_the_grammar_allows_and_advances_it(tok, models):
     engine = _self_drafted(models, tok)
-    free = engine.generate(conversation(), max_new_tokens=8)
+    scored = engine.score(conversation(), max_new_tokens=12)  # a lookahead drafted without the grammar
+    free = engine.generate_from(scored, max_new_tokens=8)
     first = free.token_ids[:3]
     assert not tok.decode(free.token_ids[3]).isdigit()
     # The draft's first three tokens, then digits only: the fourth drafted token is forbidden.
     constraint = Constraint.lark(tok, "start: " + " ".join(f"<[{t}]>" for t in first) + " /[0-9]{1,4}/")
-    answer = engine.generate(conversation(), constraint=constraint, max_new_tokens=12)
+    answer = engine.generate_from(scored, constraint=constraint, max_new_tokens=12)
     assert answer.stats.lookahead_accepted == 3
     assert answer.token_ids[:3] == first
     assert tok.decode(answer.token_ids[3:]).isdigit(), tok.decode(answer.token_ids)
+    # Drafted under the grammar, the lookahead is the constrained answer itself: all accepted.
+    guided = engine.generate(conversation(), constraint=constraint, max_new_tokens=12)
+    full = SpecEngine(models[0], tok).generate(conversation(), constraint=constraint, max_new_tokens=12)
+    assert guided.token_ids == full.token_ids and guided.finish_reason == "stop"
+    assert guided.stats.lookahead_accepted == len(full.token_ids) < 8  # the grammar ended it
+
+
+def test_in_auto_mode_the_draft_writes_the_call_it_opens_under_the_tool_grammar(tok):
+    """tool_choice "auto": the draft writes freely until it opens a call, then the call's
+    grammar guides it, as it guides the target; all of the lookahead is accepted."""
+    prompt = with_tools(conversation(), TOOLS)
+    model = _opening_first(tok, prompt)
+    config = SpecKVConfig(max_capacity_prompt=640, window_size=8, verify_lookahead=True, lookahead_tokens=8)
+    engine = SpecEngine(model, tok, model, config=config)
+    full = SpecEngine(model, tok).generate(conversation(), tools=TOOLS, max_new_tokens=9)
+    answer = engine.generate(conversation(), tools=TOOLS, max_new_tokens=9)
+    assert answer.token_ids[0] == tok.convert_tokens_to_ids("<tool_call>")
+    assert answer.stats.lookahead_tokens == answer.stats.lookahead_accepted == 8
+    assert answer.token_ids == full.token_ids
+    # drafted without the grammar, the call's text stops being accepted where it strays
+    scored = engine.score(conversation(), tools=TOOLS, max_new_tokens=9)
+    assert engine.generate_from(scored, max_new_tokens=9).stats.lookahead_accepted < 8
+
+
+def test_guided_drafts_share_no_state_between_threads(tok, models):
+    engine = _self_drafted(models, tok)
+    short = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 6}},
+        "required": ["answer"],
+    }
+    formats: list[Any] = [Verdict, short, None, Verdict, short]
+    prompt = conversation()
+    alone = [engine.generate(prompt, response_format=f, max_new_tokens=12) for f in formats]
+    together: list[Any] = [None] * len(formats)
+
+    def work(i: int) -> None:
+        together[i] = engine.generate(prompt, response_format=formats[i], max_new_tokens=12)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(formats))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.stats.lookahead_accepted for g in together] == [8] * len(formats)

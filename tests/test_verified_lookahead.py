@@ -1,5 +1,6 @@
-"""SpecKV's verified lookahead (the target's scoring prefill checks the draft's tokens), and the
-draft skipped when the prompt fits the budget."""
+"""SpecKV's verified lookahead (the target's scoring prefill checks the draft's tokens), the
+draft skipped when the prompt fits the budget, and the lookahead drafted under the answer's
+grammar (JSON schema) when draft and target share a vocabulary."""
 
 from __future__ import annotations
 
@@ -222,6 +223,136 @@ def test_the_prefill_cuts_each_layer_as_soon_as_its_scores_are_known(target, dra
 
 
 # -- the lookahead under the answer's grammar ------------------------------------------------------
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 24},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+    },
+    "required": ["title", "year", "tags"],
+}
+LOOKAHEAD = 16
+_CONFIGS = {
+    "speckv": _kv(lookahead_tokens=LOOKAHEAD),
+    # the draft pass that cuts the prompt (326 tokens) writes the lookahead
+    "speckv-pc": SpecKVPCConfig(
+        specpc=SpecPCConfig(max_capacity_prompt=128, window_size=16), speckv=_kv(lookahead_tokens=LOOKAHEAD)
+    ),
+    # the prompt fits SpecPC's budget: SpecKV's own draft pass writes it
+    "speckv-pc-uncut": SpecKVPCConfig(
+        specpc=SpecPCConfig(max_capacity_prompt=4096, window_size=16), speckv=_kv(lookahead_tokens=LOOKAHEAD)
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def padded_draft(tokenizer):
+    """A draft sharing the target's ids whose output layer has 64 rows past the tokenizer's
+    vocabulary (as Qwen's embeddings are padded): unconstrained, it may write those ids."""
+    from tiny_models import tiny_model
+
+    return tiny_model("qwen2", tokenizer, seed=2, layers=2, vocab_size=len(tokenizer) + 64)
+
+
+def _guides(tokenizer, schema=SCHEMA):
+    from spec_rag.constrained import Constraint, Guide
+
+    constraint = Constraint.json_schema(tokenizer, schema)
+    return lambda: Guide(constraint.new_state())
+
+
+def _method(config, target, draft, tokenizer, draft_tokenizer=None):
+    from spec_rag._prompt import same_vocabulary
+    from spec_rag.methods import Models, build_method
+
+    draft_tokenizer = draft_tokenizer or tokenizer
+    models = Models(
+        target,
+        tokenizer,
+        draft,
+        draft_tokenizer,
+        shared_vocabulary=same_vocabulary(tokenizer, draft_tokenizer),
+        target_eos=[tokenizer.eos_token_id],
+        draft_eos=[draft_tokenizer.eos_token_id],
+    )
+    return build_method(config, models)
+
+
+def _greedy(model, ids: torch.Tensor, n: int) -> list[int]:
+    """``n`` greedy tokens of ``model`` after ``ids`` (``[L]``), each from a forward of the whole
+    sequence (no cache, no mask): the plain draft answer, computed independently."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.cat([ids, torch.tensor(out, dtype=torch.long)])[None]).logits
+            out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@pytest.mark.parametrize("name", list(_CONFIGS))
+def test_under_a_schema_the_draft_writes_only_tokens_the_grammar_allows(
+    name, target, padded_draft, tokenizer, text
+):
+    from spec_rag.methods import Request
+
+    method = _method(_CONFIGS[name], target, padded_draft, tokenizer)
+    guides = _guides(tokenizer)
+    free = method.score(Request(text, LOOKAHEAD)).lookahead
+    assert len(free) == LOOKAHEAD and guides().count_accepted(free) < len(free)  # the grammar matters
+    lookahead = method.score(Request(text, LOOKAHEAD, guide=guides)).lookahead
+    assert len(lookahead) == LOOKAHEAD
+    assert guides().count_accepted(lookahead) == len(lookahead)
+    assert max(lookahead) < len(tokenizer)  # never a padding row of the draft's output layer
+    assert tokenizer.decode(lookahead).startswith('{"title": "')
+
+
+@pytest.mark.parametrize("name", list(_CONFIGS))
+def test_an_unconstrained_request_drafts_as_before(name, target, padded_draft, tokenizer, text):
+    """No grammar: the lookahead is the draft's plain greedy answer, padding rows and all."""
+    from spec_rag._prompt import encode_prompt
+    from spec_rag.methods import Request
+
+    method = _method(_CONFIGS[name], target, padded_draft, tokenizer)
+    ids = encode_prompt(tokenizer, text)["input_ids"]
+    assert method.score(Request(text, LOOKAHEAD)).lookahead == _greedy(padded_draft, ids, LOOKAHEAD)
+
+
+def test_a_draft_with_another_vocabulary_drafts_unconstrained(target, tokenizer, other_tokenizer, text):
+    """The grammar masks the target's ids: a draft of another vocabulary is not guided (its
+    lookahead, handed over as text, is the same with or without a grammar)."""
+    from tiny_models import tiny_model
+
+    from spec_rag.methods import Request
+
+    draft = tiny_model("qwen2", other_tokenizer, seed=2, layers=2)
+    method = _method(_CONFIGS["speckv"], target, draft, tokenizer, other_tokenizer)
+    free = method.score(Request(text, LOOKAHEAD)).lookahead
+    assert free and method.score(Request(text, LOOKAHEAD, guide=_guides(tokenizer))).lookahead == free
+
+
+@pytest.mark.parametrize("name", ["speckv", "speckv-pc-uncut"])
+def test_the_target_as_its_own_draft_under_a_schema_writes_the_constrained_answer(
+    name, target, tokenizer, text
+):
+    """Self-drafted under the schema, the lookahead is the target's constrained greedy answer:
+    verified against the target's constrained choice, all of it is accepted, and the answer is
+    full inference's under the schema token for token (the accepted tokens and the target's next
+    one). A lookahead written without the grammar (engine.score, then an answer under the
+    schema) opens with a token the schema forbids: none of it is accepted."""
+    n = LOOKAHEAD + 1
+    full = SpecEngine(target, tokenizer).generate(text, response_format=SCHEMA, max_new_tokens=n)
+    assert len(full.token_ids) == n  # the schema's answer is longer than the lookahead
+    engine = SpecEngine(target, tokenizer, target, config=_CONFIGS[name])
+    answer = engine.generate(text, response_format=SCHEMA, max_new_tokens=n)
+    assert answer.stats.lookahead_accepted == LOOKAHEAD
+    assert answer.token_ids == full.token_ids
+    unguided = engine.generate_from(
+        engine.score(text, max_new_tokens=n), response_format=SCHEMA, max_new_tokens=n
+    )
+    assert unguided.stats.lookahead_accepted == 0
+
+
 def test_the_token_the_grammar_completes_on_is_fed_when_asked(target, tokenizer):
     """``feed_last``: the draft's last lookahead token reaches the model (so a recorder sees its
     query) also when the grammar ends the lookahead."""

@@ -33,6 +33,7 @@ from spec_rag._prompt import (
     has_tool_structure,
 )
 from spec_rag.config import MethodInfo
+from spec_rag.constrained import Guide
 from spec_rag.generation import (
     GenerationStats,
     Prefilled,
@@ -88,6 +89,10 @@ class Models:
 #: How many of a drafted continuation's first tokens may be written (a grammar's verdict).
 AcceptLimit = Callable[[Sequence[int]], int]
 
+#: A fresh :class:`~spec_rag.constrained.Guide` of one request's answer structure on every call
+#: (a new grammar state: nothing moves in another's), or ``None`` when the answer is free.
+GuideFactory = Callable[[], Guide | None]
+
 
 @dataclass
 class Request:
@@ -102,6 +107,10 @@ class Request:
         greedy: the answer is decoded greedily, so a verified lookahead may open it.
         accept: under constrained decoding, how many of the verified lookahead's first tokens
             the grammar allows in a row (``None``: all of them).
+        guide: under constrained decoding, the answer's structure (see :data:`GuideFactory`):
+            the draft writes its lookahead under it (:func:`lookahead_guide`) and the
+            verification compares the draft's tokens with the target's constrained greedy
+            choice (``None``: the answer is free).
     """
 
     prompt: Prompt
@@ -110,6 +119,21 @@ class Request:
     lookahead: list[int] | None = None
     greedy: bool = False
     accept: AcceptLimit | None = None
+    guide: GuideFactory | None = None
+
+
+def lookahead_guide(models: Models, request: Request) -> Guide | None:
+    """A fresh guide for the draft's lookahead of ``request``: its answer's grammar, so the draft
+    writes what the target may write, or ``None``.
+
+    Only a draft that shares the target's vocabulary is guided: the grammar is compiled for the
+    target's tokenizer and masks its token ids. A draft with another vocabulary writes its
+    lookahead unconstrained; the verification and ``Request.accept`` still keep only the prefix
+    the grammar allows, so such a lookahead is accepted less often on constrained answers.
+    """
+    if request.guide is None or not models.shared_vocabulary:
+        return None
+    return request.guide()
 
 
 @dataclass
@@ -284,7 +308,10 @@ class CacheMethod(Method):
         rows = forward(
             self.models.target, full_ids[None], cache, recorder=recorder, logits_to_keep=len(lookahead) + 1
         )  # [n + 1, vocab]
-        accepted = verified_length(rows, lookahead) if getattr(self.config, "verify_lookahead", False) else 0
+        accepted = 0
+        if getattr(self.config, "verify_lookahead", False):
+            guide = request.guide() if request.guide is not None else None  # fresh: used up here
+            accepted = verified_length(rows, lookahead, guide)
         logits = rows[0].clone()  # a copy, not a view: the other rows are freed
         verified_logits = rows[accepted].clone() if accepted else logits
         del rows
@@ -427,16 +454,31 @@ class CacheMethod(Method):
         )
 
 
-def verified_length(logits: torch.Tensor, lookahead: Sequence[int]) -> int:
+def verified_length(logits: torch.Tensor, lookahead: Sequence[int], guide: Guide | None = None) -> int:
     """``k``: how many of the lookahead's first tokens the target's greedy choice agrees with.
 
     ``logits`` is ``[n + 1, vocab]``, the target's logits after the prompt and each lookahead
     prefix (full cache). Greedy decoding with the full cache would write ``y_0 .. y_{k-1}`` and
     then ``argmax(logits[k])``: those ``k + 1`` tokens need no decode step of their own.
     Under sampling, nothing is accepted (the speculative-sampling rule is not implemented).
+
+    ``guide`` (a fresh one of the answer's grammar, used up here): the choice compared is the
+    constrained one, ``argmax`` of each row masked by the grammar after ``y_<i``, as constrained
+    greedy decoding writes it; the count stops where the grammar is complete.
     """
     if not lookahead:
         return 0
+    if guide is not None:
+        agreed = 0
+        for row, token in zip(logits, lookahead, strict=False):  # row: [vocab]
+            masked = guide.mask_logits(row)
+            if int(masked.argmax()) != int(token) or not bool(torch.isfinite(masked[int(token)])):
+                break
+            agreed += 1
+            guide.advance(int(token))
+            if guide.is_finished:
+                break
+        return agreed
     choice = logits[: len(lookahead)].argmax(dim=-1).cpu()  # [n]
     agree = choice == torch.tensor(lookahead, dtype=choice.dtype)  # [n]
     return int(agree.long().cumprod(dim=0).sum())

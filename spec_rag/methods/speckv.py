@@ -14,7 +14,7 @@ import torch
 
 from spec_rag._prompt import check_fits, encode_prompt
 from spec_rag.config import SpecKVConfig
-from spec_rag.methods.base import Models, Request
+from spec_rag.methods.base import Models, Request, lookahead_guide
 from spec_rag.methods.snapkv import SnapKV
 from spec_rag.scoring import enable_scoring
 from spec_rag.specpc import draft_pass
@@ -39,7 +39,11 @@ class SpecKV(SnapKV):
         return self.draft_lookahead(request, ids, self.lookahead_length(request))
 
     def draft_lookahead(self, request: Request, ids: torch.Tensor, n: int) -> list[int]:
-        """The draft's greedy ``n``-token answer to the prompt ``ids`` (``[L]``), in target ids."""
+        """The draft's greedy ``n``-token answer to the prompt ``ids`` (``[L]``), in target ids.
+
+        Under constrained decoding (``request.guide``) a draft that shares the target's
+        vocabulary writes it under the answer's grammar, so the target can accept it; a draft
+        with another vocabulary writes it unconstrained (see :func:`lookahead_guide`)."""
         if n == 0:
             return []
         models = self.models
@@ -52,6 +56,12 @@ class SpecKV(SnapKV):
             ]
         )
         check_fits(models.draft, draft_ids.numel() + n, role="draft")
-        answer = draft_pass(models.draft, draft_ids, lookahead_tokens=n, eos_token_ids=models.draft_eos)
+        answer = draft_pass(
+            models.draft,
+            draft_ids,
+            lookahead_tokens=n,
+            eos_token_ids=models.draft_eos,
+            guide=lookahead_guide(models, request),
+        )
         request.stats.draft_s += time.perf_counter() - t0
         return models.to_target_ids(answer)

@@ -12,7 +12,15 @@ from dataclasses import replace
 
 from spec_rag.config import SpecKVPCConfig
 from spec_rag.generation import GenerationStats, Prefilled
-from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredCache, ScoredPrompt
+from spec_rag.methods.base import (
+    AcceptLimit,
+    Method,
+    Models,
+    Request,
+    ScoredCache,
+    ScoredPrompt,
+    lookahead_guide,
+)
 from spec_rag.methods.speckv import SpecKV
 from spec_rag.methods.specpc import SpecPCMethod
 
@@ -37,10 +45,15 @@ class SpecKVPC(Method):
 
         A prompt scored in chunks (past the draft's window) has no draft pass over all of it:
         the draft then writes the lookahead from the kept prompt, which is what the target
-        reads."""
+        reads.
+
+        Under constrained decoding the draft writes the lookahead under the answer's grammar
+        (a draft with the target's vocabulary only; see :func:`lookahead_guide`), in whichever
+        pass writes it."""
         pc_budget = self.specpc.config.max_capacity_prompt
         n = self.speckv.lookahead_length(request)
-        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n)
+        guide = lookahead_guide(self.models, request)
+        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n, guide=guide)
         ids, kept_prompt, protected = self.specpc.cut_prompt(tokens, pc_budget, request.stats)
         lookahead = tokens.lookahead if tokens.scores is not None else None  # None: SpecKV writes it
         request.stats.lookahead_tokens = len(tokens.lookahead)

@@ -11,6 +11,7 @@ import torch
 
 from spec_rag._prompt import Prompt, TrustedPrompt, context_window, encode_prompt, is_messages
 from spec_rag.config import SpecPCConfig
+from spec_rag.constrained import Guide
 from spec_rag.errors import ContextLengthError, InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
 from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt
@@ -58,10 +59,13 @@ class SpecPCMethod(Method):
         lookahead_tokens: int | None = None,
         *,
         target_extra: int = 0,
+        guide: Guide | None = None,
     ) -> ScoredTokens:
         """The draft's pass. ``lookahead_tokens`` overrides the config's ``n`` (SpecKV-PC
         scores with, and keeps, SpecKV's whole lookahead). ``target_extra``: tokens the target
-        prefills after the kept prompt (SpecKV-PC's lookahead), for the check that it fits."""
+        prefills after the kept prompt (SpecKV-PC's lookahead), for the check that it fits.
+        ``guide`` (fresh, for the draft's vocabulary) writes the lookahead under the answer's
+        grammar (SpecKV-PC's, which the target verifies; SpecPC alone drafts unconstrained)."""
         models, stats = self.models, request.stats
         t0 = time.perf_counter()
         tokenizer = models.tokenizer if models.shared_vocabulary else models.draft_tokenizer
@@ -76,7 +80,7 @@ class SpecPCMethod(Method):
         chunks = 1
         if not fits:  # nothing would be cut at the only budget asked for: no draft pass
             raw, draft_lookahead = self.compressor.score_tokens(
-                enc["input_ids"], lookahead_tokens=lookahead_tokens
+                enc["input_ids"], lookahead_tokens=lookahead_tokens, guide=guide
             )
             chunks = len(self.compressor.chunk_slices(length, lookahead_tokens)) or 1
             scores = self.compressor.smooth(raw)
