@@ -101,7 +101,7 @@ class TestChatSpecKVQwenIntegration(TestChatSpecKVIntegration):
             "model": "qwen2.5-coder-1.5b-instruct",
             "draft": "qwen2.5-coder-0.5b-instruct",
             "method": "speckv",
-            "max_capacity_prompt": 256,
+            "max_capacity_prompt": 384,  # holds the tools template's structure (~240) and the window
             "lookahead_tokens": 16,
             "max_tokens": 96,
         }
