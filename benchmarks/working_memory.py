@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spec_rag.generation import PREFILL_CHUNK_SIZE
+
 MIB = 1024 * 1024
 METHODS = ("full", "snapkv", "streamingllm", "speckv", "specpc", "speckv-pc")
 
@@ -141,7 +143,9 @@ def measure(method: str, length: int, args: argparse.Namespace) -> dict[str, Any
     for model in (target, draft):
         if model is not None:
             make_resident(model)
-    engine = SpecEngine(target, tokenizer, draft, draft_tokenizer, engine_config(method, args))
+    chunk = args.prefill_chunk_size or None  # 0: one pass
+    config = engine_config(method, args)
+    engine = SpecEngine(target, tokenizer, draft, draft_tokenizer, config, prefill_chunk_size=chunk)
     sample = generate_sample(args.task, length, args.seed, 0, tokenizer)
     prompt = render_prompt(sample, tokenizer)
     max_new_tokens = sample.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
@@ -170,6 +174,7 @@ def measure(method: str, length: int, args: argparse.Namespace) -> dict[str, Any
         "peak_rss": peak,
         "working": peak - base,
         "peak_from": "VmHWM" if exact else "sampled",
+        "prefill_chunk_size": chunk,
         "seconds": seconds,
         "score": score_answer(answer.text, sample.answers, sample.metric),
         "cpu_s": _cpu_seconds(),  # the whole process: loading, warm-up and the request
@@ -247,6 +252,9 @@ def main() -> None:
     parser.add_argument("--prompt-budget", type=int, default=2048, help="SpecPC's, SpecKV-PC's prompt budget")
     parser.add_argument("--max-new-tokens", type=int, help="default: the task's answer budget")
     parser.add_argument(
+        "--prefill-chunk-size", type=int, default=PREFILL_CHUNK_SIZE, help="the engines' (0: one pass)"
+    )
+    parser.add_argument(
         "--mmap-threshold", type=int, default=128 * 1024, help="workers' glibc mmap threshold (0: default)"
     )
     parser.add_argument("--json", help="also append the rows to this file, one JSON object a line")
@@ -270,7 +278,7 @@ def main() -> None:
 
     argv = ["--task", args.task, "--seed", str(args.seed), "--target", str(args.target)]
     argv += ["--draft", str(args.draft), "--dtype", args.dtype, "--kv-budget", str(args.kv_budget)]
-    argv += ["--prompt-budget", str(args.prompt_budget)]
+    argv += ["--prompt-budget", str(args.prompt_budget), "--prefill-chunk-size", str(args.prefill_chunk_size)]
     if args.max_new_tokens is not None:
         argv += ["--max-new-tokens", str(args.max_new_tokens)]
     methods = sorted(args.methods, key=lambda m: m != "full")  # full first: the ratios' reference

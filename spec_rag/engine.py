@@ -24,6 +24,7 @@ from spec_rag.config import EngineConfig, method_info
 from spec_rag.constrained import Constraint, Guide
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import (
+    PREFILL_CHUNK_SIZE,
     DecodeResult,
     GenerationStats,
     Prefilled,
@@ -136,6 +137,10 @@ class SpecEngine:
         max_input_tokens: ceiling on a request's prompt tokens (``None``: none but the models'
             context windows); a larger request raises :class:`~spec_rag.errors.InputTooLargeError`
             before any model reads it.
+        prefill_chunk_size: a prefill longer than this runs in chunks of this many tokens
+            (draft and target alike), which bounds its activations; ``None``: one pass. Passes
+            that cut each layer's cache as they go (SpecKV, SnapKV, StreamingLLM at one budget)
+            always run whole, where chunks would hold every layer's cache at once.
 
     Prompts are untrusted: message contents and plain string prompts are tokenised with special
     tokens split, so only the chat template emits control tokens. Wrap a prompt you templated
@@ -152,12 +157,18 @@ class SpecEngine:
         config: EngineConfig | None = None,
         *,
         max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
+        prefill_chunk_size: int | None = PREFILL_CHUNK_SIZE,
     ) -> None:
         if max_input_tokens is not None and max_input_tokens <= 0:
             raise InvalidInputError(
                 f"max_input_tokens must be positive, or None for no ceiling (got {max_input_tokens})."
             )
+        if prefill_chunk_size is not None and prefill_chunk_size <= 0:
+            raise InvalidInputError(
+                f"prefill_chunk_size must be positive, or None for one pass (got {prefill_chunk_size})."
+            )
         self.max_input_tokens = max_input_tokens
+        self.prefill_chunk_size = prefill_chunk_size
         self.target = target
         self.tokenizer = tokenizer
         self.draft = draft
@@ -183,6 +194,7 @@ class SpecEngine:
             target_eos=eos_ids(target, tokenizer),
             draft_eos=eos_ids(draft, self.draft_tokenizer) if draft is not None else [],
             max_input_tokens=max_input_tokens,
+            prefill_chunk_size=prefill_chunk_size,
         )
         self._target_eos = models.target_eos
         self._method: Method = build_method(config, models)
@@ -197,6 +209,7 @@ class SpecEngine:
         dtype: str | torch.dtype = "auto",
         device: str | None = None,
         max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
+        prefill_chunk_size: int | None = PREFILL_CHUNK_SIZE,
     ) -> SpecEngine:
         """Load (or reuse, from the process-wide model cache) target and draft by name or path."""
         from spec_rag.models import get_model
@@ -212,6 +225,7 @@ class SpecEngine:
             draft_tokenizer,
             config,
             max_input_tokens=max_input_tokens,
+            prefill_chunk_size=prefill_chunk_size,
         )
 
     def with_config(self, config: EngineConfig | None) -> SpecEngine:
@@ -223,6 +237,7 @@ class SpecEngine:
             self.draft_tokenizer,
             config,
             max_input_tokens=self.max_input_tokens,
+            prefill_chunk_size=self.prefill_chunk_size,
         )
 
     @property

@@ -166,6 +166,40 @@ def chunk_feed_forward(model: Any) -> bool:
     return bool(done)
 
 
+#: A prefill of more tokens than this runs in chunks of this many (see :func:`forward`): the
+#: activations of a pass (queries, attention outputs, residual stream) then cover one chunk, not
+#: the whole prompt. ``None`` anywhere it is taken means one pass.
+PREFILL_CHUNK_SIZE = 2048
+
+
+def prefill_chunks(
+    length: int,
+    chunk_size: int | None,
+    *,
+    tail: int = 1,
+    recorder: WindowRecorder | None = None,
+    offset: int = 0,
+) -> list[tuple[int, int]]:
+    """``[(start, end)]`` slices of a ``length``-token pass (its first token at absolute position
+    ``offset``), ``chunk_size`` tokens each, the last one holding at least the last ``tail`` rows
+    and every query ``recorder`` scores, so scores and kept logits all come from one chunk.
+
+    One slice (no chunking) when ``chunk_size`` is ``None`` or not below ``length``, or when the
+    recorder cuts each layer's cache as it is scored: earlier chunks would leave every layer's
+    whole cache alive until the last chunk, a higher peak than the one pass it replaces.
+    """
+    if chunk_size is None or length <= chunk_size or (recorder is not None and recorder.cuts_cache):
+        return [(0, length)]
+    if chunk_size <= 0:
+        raise ValueError(f"prefill_chunk_size must be positive, or None for one pass (got {chunk_size}).")
+    last = ((length - 1) // chunk_size) * chunk_size  # start of the last regular chunk
+    last = min(last, length - max(tail, 1))
+    if recorder is not None:
+        last = min(last, max(recorder.window_start - offset, 0))
+    last = max(last, 0)
+    return [(start, min(start + chunk_size, last)) for start in range(0, last, chunk_size)] + [(last, length)]
+
+
 @torch.inference_mode()
 def forward(
     model: Any,
@@ -175,14 +209,44 @@ def forward(
     position_start: int | None = None,
     recorder: WindowRecorder | None = None,
     logits_to_keep: int = 1,
+    prefill_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Run ``input_ids`` (``[1, q]``) through the model on top of ``cache``.
 
     Returns the logits of the last ``logits_to_keep`` positions, ``[logits_to_keep, vocab]``.
     ``position_start`` overrides the RoPE position of the first token (default: cache length).
-    More than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks of that many
-    (see :func:`chunk_feed_forward`), which bounds a long prefill's largest activations.
+    ``prefill_chunk_size`` runs a longer ``input_ids`` in chunks of that many tokens, each on the
+    cache the earlier ones filled (the same keys, values and logits as one pass, up to rounding);
+    the recorder sees the last chunk only, which holds all of its queries (:func:`prefill_chunks`).
+    Within a pass, more than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks
+    of that many (see :func:`chunk_feed_forward`): both bound a long prefill's largest activations.
     """
+    offset = cache_length(cache) if position_start is None else position_start
+    slices = prefill_chunks(
+        input_ids.shape[1], prefill_chunk_size, tail=logits_to_keep, recorder=recorder, offset=offset
+    )
+    for start, end in slices:
+        logits = _forward_pass(
+            model,
+            input_ids[:, start:end],
+            cache,
+            position_start=None if position_start is None else position_start + start,
+            recorder=recorder if end == input_ids.shape[1] else None,
+            logits_to_keep=logits_to_keep if end == input_ids.shape[1] else 1,
+        )
+    return logits
+
+
+def _forward_pass(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: DynamicCache,
+    *,
+    position_start: int | None = None,
+    recorder: WindowRecorder | None = None,
+    logits_to_keep: int = 1,
+) -> torch.Tensor:
+    """One forward of :func:`forward`."""
     kwargs: dict[str, Any] = {}
     if position_start is not None:
         positions = torch.arange(position_start, position_start + input_ids.shape[1], device=input_ids.device)

@@ -101,6 +101,9 @@ class WindowRecorder:
     Subclasses implement :meth:`reduce`, which must shrink what it keeps to ``O(L)``.
     """
 
+    #: Whether observing a layer may cut that layer's cache (so the pass cannot be chunked).
+    cuts_cache = False
+
     def __init__(
         self, window_start: int, num_keys: int, layers: range | None = None, window_end: int | None = None
     ) -> None:
@@ -218,6 +221,10 @@ class HeadScoreRecorder(WindowRecorder):
         self.on_layer = on_layer
         self.per_layer: dict[int, torch.Tensor] = {}  # layer -> [kv_heads, L]
 
+    @property
+    def cuts_cache(self) -> bool:  # type: ignore[override]
+        return self.on_layer is not None
+
     def reduce(self, layer: int, probs: torch.Tensor, query_positions: torch.Tensor) -> None:
         scores = reduce_dims(probs, (1, 2), self.reduction)  # [kv_heads, L]
         if self.on_layer is not None:
@@ -234,6 +241,10 @@ class LayerHook(WindowRecorder):
     def __init__(self, on_layer: Callable[[int, torch.Tensor | None], None] | None = None) -> None:
         super().__init__(0, 0)
         self.on_layer = on_layer
+
+    @property
+    def cuts_cache(self) -> bool:  # type: ignore[override]
+        return self.on_layer is not None
 
     def observe(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
         if self.on_layer is not None:

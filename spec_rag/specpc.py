@@ -37,7 +37,7 @@ from spec_rag._prompt import (
 from spec_rag.config import CHUNK_SINK_TOKENS, SpecPCConfig
 from spec_rag.constrained import Guide
 from spec_rag.errors import InvalidInputError
-from spec_rag.generation import SamplingParams, decode_tokens, forward, new_cache
+from spec_rag.generation import PREFILL_CHUNK_SIZE, SamplingParams, decode_tokens, forward, new_cache
 from spec_rag.scoring import TokenScoreRecorder, enable_scoring, pool_scores
 from spec_rag.selection import select_prompt_tokens
 
@@ -161,6 +161,7 @@ def draft_pass(
     eos_token_ids: Sequence[int],
     recorder: TokenScoreRecorder | None = None,
     guide: Guide | None = None,
+    prefill_chunk_size: int | None = None,
 ) -> list[int]:
     """The draft prefills ``input_ids`` (``[L]``) and greedily writes ``lookahead_tokens`` tokens.
 
@@ -172,10 +173,13 @@ def draft_pass(
     grammar's vocabulary, a padded embedding's, are forbidden), and the lookahead ends once the
     grammar is complete. Its grammar masks token ids, so it must be compiled for the draft's
     own vocabulary (the target's, when the two share it).
+
+    ``prefill_chunk_size`` runs a longer prefill in chunks (see :func:`~spec_rag.generation.forward`).
     """
     cache = new_cache(model)
     length = input_ids.numel()
-    logits = forward(model, input_ids[None], cache, recorder=recorder)[-1]
+    chunk = prefill_chunk_size
+    logits = forward(model, input_ids[None], cache, recorder=recorder, prefill_chunk_size=chunk)[-1]
     params = SamplingParams(max_new_tokens=lookahead_tokens)
     return list(
         decode_tokens(
@@ -202,6 +206,10 @@ class SpecPC:
         max_input_tokens: ceiling on a request's prompt tokens (``None``: none but the draft's
             context window); a larger request raises :class:`~spec_rag.errors.InputTooLargeError`
             before the draft reads it.
+        prefill_chunk_size: the draft reads a longer prompt in chunks of this many tokens, on
+            one cache (the same scores up to rounding, smaller activations); ``None``: one pass.
+            Not to be confused with ``config.chunk_size``: separate passes, for prompts longer
+            than the draft's window.
 
     Retrieved text is untrusted: documents, the query and message contents are tokenised with
     special tokens split, so only the chat template emits control tokens (and only those are
@@ -216,11 +224,13 @@ class SpecPC:
         config: SpecPCConfig | None = None,
         *,
         max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS,
+        prefill_chunk_size: int | None = PREFILL_CHUNK_SIZE,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or SpecPCConfig()
         self.max_input_tokens = max_input_tokens
+        self.prefill_chunk_size = prefill_chunk_size
         if not getattr(tokenizer, "is_fast", False):
             raise InvalidInputError(
                 "SpecPC needs a fast tokenizer (character offsets map kept tokens back to text); "
@@ -304,6 +314,7 @@ class SpecPC:
             eos_token_ids=self._eos,
             recorder=recorder,
             guide=guide,
+            prefill_chunk_size=self.prefill_chunk_size,
         )
         return recorder.scores().cpu(), lookahead
 
@@ -351,6 +362,7 @@ class SpecPC:
                 lookahead_tokens=lookahead_tokens,
                 eos_token_ids=self._eos,
                 recorder=recorder,
+                prefill_chunk_size=self.prefill_chunk_size,
             )
             scores = recorder.scores().float().cpu()  # [K]
             if normalise:

@@ -67,8 +67,11 @@ class PrefillLog:
 def test_a_prompt_that_fits_one_pass_is_scored_exactly_as_before(draft, tokenizer, long_text_module):
     """A chunk_size the prompt fits changes nothing: same scores, same kept tokens, one pass."""
     length = len(tokenizer(long_text_module)["input_ids"])
-    today = SpecPC(draft, tokenizer, CONFIG).compress(long_text_module)
-    roomy = SpecPC(draft, tokenizer, CONFIG.model_copy(update={"chunk_size": length + 1}))
+    # One forward per pass (no prefill chunks), so the log counts passes.
+    today = SpecPC(draft, tokenizer, CONFIG, prefill_chunk_size=None).compress(long_text_module)
+    roomy = SpecPC(
+        draft, tokenizer, CONFIG.model_copy(update={"chunk_size": length + 1}), prefill_chunk_size=None
+    )
     assert roomy.chunk_slices(length) == []
     with PrefillLog(draft) as log:
         out = roomy.compress(long_text_module)

@@ -9,13 +9,17 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_models import _tokenizer, tiny_model
 
 import spec_rag.generation as generation
 import spec_rag.methods.streamingllm as streaming_module
-from spec_rag import SpecEngine, StreamingLLMConfig
+from spec_rag import SpecEngine, SpecPC, SpecPCConfig, StreamingLLMConfig
+from spec_rag.config import config_for_method
+from spec_rag.errors import InvalidInputError
 from spec_rag.generation import forward, new_cache
+from spec_rag.scoring import HeadScoreRecorder, LayerHook
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -109,3 +113,109 @@ def test_working_memory_benchmark_reports_a_prompt_cut_below_full(tmp_path, monk
     assert full["working"] > 48 * 2**20
     assert specpc["working"] < 0.6 * full["working"]
     assert "| full | 1600 |" in out and "| 1.00 |" in out and "| specpc | 1600 |" in out
+
+
+# -- chunked prefill -------------------------------------------------------------------------------
+def _layer_calls(model) -> list[int]:
+    """Tokens each call of the first layer's attention saw."""
+    calls: list[int] = []
+    attention = model.model.layers[0].self_attn.q_proj
+    attention.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    return calls
+
+
+def test_prefill_chunks_cover_the_pass_and_keep_the_recorders_queries_in_the_last_chunk():
+    assert generation.prefill_chunks(300, None) == [(0, 300)]
+    assert generation.prefill_chunks(300, 300) == [(0, 300)]
+    assert generation.prefill_chunks(300, 64) == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 300)]
+    # The last chunk holds the kept logits' rows ...
+    assert generation.prefill_chunks(300, 64, tail=50) == [
+        (0, 64),
+        (64, 128),
+        (128, 192),
+        (192, 250),
+        (250, 300),
+    ]
+    # ... and every query a recorder scores (absolute positions: the pass starts at 1000).
+    recorder = HeadScoreRecorder(1000 + 200, 1000 + 290)
+    assert generation.prefill_chunks(300, 64, recorder=recorder, offset=1000)[-2:] == [(192, 200), (200, 300)]
+    # A recorder that cuts each layer as it is scored keeps the pass whole.
+    recorder.on_layer = lambda layer, scores: None
+    assert generation.prefill_chunks(300, 64, recorder=recorder, offset=1000) == [(0, 300)]
+    assert generation.prefill_chunks(300, 64, recorder=LayerHook(lambda layer, scores: None)) == [(0, 300)]
+    with pytest.raises(ValueError, match="prefill_chunk_size must be positive"):
+        generation.prefill_chunks(300, 0)
+
+
+def test_a_chunked_prefill_gives_the_same_logits_and_cache_as_one_pass(tokenizer):
+    model = tiny_model("qwen2", tokenizer, seed=3, layers=2)
+    ids = torch.randint(3, len(tokenizer), (1, 300))
+    whole_cache, chunked_cache = new_cache(model), new_cache(model)
+    whole = forward(model, ids, whole_cache, logits_to_keep=5)
+    calls = _layer_calls(model)
+    chunked = forward(model, ids, chunked_cache, logits_to_keep=5, prefill_chunk_size=64)
+    assert calls == [64, 64, 64, 64, 44]
+    assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert (chunked.argmax(-1) == whole.argmax(-1)).all()
+    for a, b in zip(chunked_cache.layers, whole_cache.layers, strict=True):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    # On top of a cache, with explicit RoPE positions (the chunks continue them).
+    calls.clear()
+    more = torch.randint(3, len(tokenizer), (1, 150))
+    whole_next = forward(model, more, whole_cache, position_start=400)
+    calls.clear()
+    chunked_next = forward(model, more, chunked_cache, position_start=400, prefill_chunk_size=64)
+    assert calls == [64, 64, 22]
+    assert torch.allclose(chunked_next, whole_next, atol=1e-5, rtol=1e-5)
+
+
+def test_draft_scores_from_a_chunked_prefill_equal_one_pass(tokenizer, long_text):
+    draft = tiny_model("qwen2", tokenizer, seed=2, layers=3)
+    ids = torch.tensor(tokenizer(long_text[:3000])["input_ids"])
+    assert ids.numel() > 400
+    config = SpecPCConfig(window_size=48, lookahead_tokens=4, starting_layer_index=0)
+    whole = SpecPC(draft, tokenizer, config, prefill_chunk_size=None)
+    chunked = SpecPC(draft, tokenizer, config, prefill_chunk_size=100)  # the window spans two chunks
+    calls = _layer_calls(draft)
+    scores_whole, lookahead_whole = whole.score_tokens(ids)
+    assert calls[0] == ids.numel()
+    calls.clear()
+    scores_chunked, lookahead_chunked = chunked.score_tokens(ids)
+    prefill = calls[: ids.numel() // 100 + 1]
+    assert max(prefill) <= 100 and sum(prefill) == ids.numel()
+    assert lookahead_chunked == lookahead_whole
+    assert torch.allclose(scores_chunked, scores_whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "specpc", "speckv", "speckv-pc"])
+def test_engine_answers_alike_with_and_without_chunked_prefill(tokenizer, long_text, method):
+    target = tiny_model("qwen2", tokenizer, seed=1, layers=2)
+    draft = tiny_model("qwen2", tokenizer, seed=2, layers=2)
+    budgets = {"max_capacity_prompt": 96} if method not in ("full", "speckv-pc") else {}
+    if method == "speckv-pc":
+        budgets = {"max_capacity_prompt": 64, "prompt_capacity": 160}
+    config = None if method == "full" else config_for_method(method, **budgets)
+    text = long_text[:2500]
+    whole = SpecEngine(target, tokenizer, draft, config=config, prefill_chunk_size=None)
+    chunked = SpecEngine(target, tokenizer, draft, config=config, prefill_chunk_size=128)
+    calls, draft_calls = _layer_calls(target), _layer_calls(draft)
+    expected = whole.generate(text, max_new_tokens=8)
+    whole_calls, whole_draft_calls = list(calls), list(draft_calls)
+    calls.clear()
+    draft_calls.clear()
+    answer = chunked.generate(text, max_new_tokens=8)
+    assert answer.token_ids == expected.token_ids
+    assert answer.stats.kv_cache_tokens == expected.stats.kv_cache_tokens
+    prompt, prefill = answer.stats.prompt_tokens, answer.stats.target_prefill_tokens
+    if method == "full":  # nothing cut inside the pass: it runs in chunks
+        assert max(calls) <= 128 < prefill <= max(whole_calls)
+    else:  # one cache budget, cut layer by layer inside the pass (or a short one): one pass
+        assert max(calls) >= prefill
+    if method != "full" and method != "snapkv":  # the draft reads the whole prompt, in chunks
+        assert max(draft_calls) <= 128 < prompt <= max(whole_draft_calls)
+
+
+def test_prefill_chunk_size_must_be_positive(tokenizer):
+    target = tiny_model("qwen2", tokenizer, seed=1, layers=1)
+    with pytest.raises(InvalidInputError, match="prefill_chunk_size must be positive"):
+        SpecEngine(target, tokenizer, prefill_chunk_size=0)

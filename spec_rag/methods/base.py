@@ -35,6 +35,7 @@ from spec_rag._prompt import (
 from spec_rag.config import MethodInfo
 from spec_rag.constrained import Guide
 from spec_rag.generation import (
+    PREFILL_CHUNK_SIZE,
     GenerationStats,
     Prefilled,
     cache_view,
@@ -57,6 +58,8 @@ class Models:
         target_eos / draft_eos: the ids that end an answer.
         max_input_tokens: ceiling on a request's prompt tokens (``None``: none); every
             tokenisation of a prompt checks it before any model reads the prompt.
+        prefill_chunk_size: a longer prefill runs in chunks of this many tokens (``None``: one
+            pass; see :func:`~spec_rag.generation.forward`).
     """
 
     target: Any
@@ -67,6 +70,7 @@ class Models:
     target_eos: Sequence[int] = ()
     draft_eos: Sequence[int] = ()
     max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
+    prefill_chunk_size: int | None = PREFILL_CHUNK_SIZE
 
     def to_target_ids(self, draft_ids: Sequence[int]) -> list[int]:
         """Draft token ids as target token ids (through text when the vocabularies differ)."""
@@ -306,7 +310,12 @@ class CacheMethod(Method):
         t0 = time.perf_counter()
         # The target's next-token logits after x, x y_0, ..., x y_<n: positions L - 1 .. L + n - 1.
         rows = forward(
-            self.models.target, full_ids[None], cache, recorder=recorder, logits_to_keep=len(lookahead) + 1
+            self.models.target,
+            full_ids[None],
+            cache,
+            recorder=recorder,
+            logits_to_keep=len(lookahead) + 1,
+            prefill_chunk_size=self.models.prefill_chunk_size,
         )  # [n + 1, vocab]
         accepted = 0
         if getattr(self.config, "verify_lookahead", False):

@@ -62,6 +62,7 @@ class SpecKV(SnapKV):
             lookahead_tokens=n,
             eos_token_ids=models.draft_eos,
             guide=lookahead_guide(models, request),
+            prefill_chunk_size=models.prefill_chunk_size,
         )
         request.stats.draft_s += time.perf_counter() - t0
         return models.to_target_ids(answer)

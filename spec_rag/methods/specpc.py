@@ -49,7 +49,11 @@ class SpecPCMethod(Method):
     def __init__(self, config: SpecPCConfig, models: Models) -> None:
         super().__init__(config, models)
         self.compressor = SpecPC(
-            models.draft, models.draft_tokenizer, config, max_input_tokens=models.max_input_tokens
+            models.draft,
+            models.draft_tokenizer,
+            config,
+            max_input_tokens=models.max_input_tokens,
+            prefill_chunk_size=models.prefill_chunk_size,
         )
 
     def score(
