@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spec_rag.generation import PREFILL_CHUNK_SIZE
+from spec_rag.config import PREFILL_CHUNK_SIZE
 
 MIB = 1024 * 1024
 METHODS = ("full", "snapkv", "streamingllm", "speckv", "specpc", "speckv-pc")
@@ -176,6 +176,13 @@ def measure(method: str, length: int, args: argparse.Namespace) -> dict[str, Any
         "peak_from": "VmHWM" if exact else "sampled",
         "prefill_chunk_size": chunk,
         "seconds": seconds,
+        # where the request's time went (the engine's own split of ``seconds``)
+        "draft_s": answer.stats.draft_s,
+        "target_prefill_s": answer.stats.target_prefill_s,
+        "decode_s": answer.stats.decode_s,
+        "output_tokens": answer.stats.output_tokens,
+        "lookahead_tokens": answer.stats.lookahead_tokens,
+        "lookahead_accepted": answer.stats.lookahead_accepted,
         "score": score_answer(answer.text, sample.answers, sample.metric),
         "cpu_s": _cpu_seconds(),  # the whole process: loading, warm-up and the request
     }

@@ -25,7 +25,9 @@ documents' tokens only; the instruction, document headers and question are kept 
 
 All four take ``max_input_tokens``, the ceiling on a request's prompt tokens (``None``: none):
 a larger request raises :class:`~spec_rag.errors.InputTooLargeError` before any model reads
-it. Unset, it is the given ``engine``'s or ``specpc``'s own, else the library's default.
+it. Unset, it is the given ``engine``'s or ``specpc``'s own, else the library's default. The same
+holds for ``prefill_chunk_size``: a prefill (the target's, the draft's) longer than it runs in
+chunks of that many tokens, which bounds its activations on long prompts (``None``: one pass).
 Retrieved text and message contents are untrusted: only the chat template emits control tokens.
 A prompt string you templated yourself goes in as :class:`~spec_rag.TrustedPrompt`.
 """
@@ -45,7 +47,14 @@ from typing import Annotated, Any, TypeVar
 from pydantic import Field
 
 from spec_rag._prompt import DEFAULT_MAX_INPUT_TOKENS, encode_prompt
-from spec_rag.config import DEFAULT_METHOD, EngineConfig, SpecPCConfig, config_for_method, method_info
+from spec_rag.config import (
+    DEFAULT_METHOD,
+    PREFILL_CHUNK_SIZE,
+    EngineConfig,
+    SpecPCConfig,
+    config_for_method,
+    method_info,
+)
 from spec_rag.engine import Generation, GenerationStream, SpecEngine
 from spec_rag.errors import InvalidInputError
 from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET, check_model_source
@@ -56,6 +65,7 @@ __all__ = [
     "DEFAULT_DRAFT",
     "DEFAULT_MAX_INPUT_TOKENS",
     "DEFAULT_TARGET",
+    "PREFILL_CHUNK_SIZE",
     "SAMPLING_FIELDS",
     "SOURCE_NAMES",
     "SPLITTER_DEFAULTS",
@@ -69,6 +79,7 @@ __all__ = [
     "LazyEngine",
     "Lookahead",
     "MaxNewTokens",
+    "PrefillChunk",
     "Temperature",
     "TopK",
     "TopP",
@@ -84,6 +95,7 @@ __all__ = [
     "tool_options",
     "tool_turn",
     "usage",
+    "user_set",
 ]
 
 logger = logging.getLogger("spec_rag.adapters")
@@ -98,6 +110,7 @@ Temperature = Annotated[float, Field(ge=0.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, Field(ge=0)]
 InputCeiling = Annotated[int, Field(gt=0)] | None
+PrefillChunk = Annotated[int, Field(gt=0)] | None
 
 #: SpecPC settings for text-splitter chunks (about 200 tokens): the paper's 64-token smoothing
 #: pool and neighbourhood would each span a third of such a chunk, and blur which sentence of it
@@ -125,10 +138,15 @@ T = TypeVar("T")
 Ceiling = int | None | EllipsisType
 
 
+def user_set(adapter: Any, name: str) -> Any:
+    """An adapter's field ``name`` if the user set it, else ``...`` (unset), so that a given
+    ``engine`` or ``specpc`` keeps its own value."""
+    return getattr(adapter, name) if name in adapter.model_fields_set else ...
+
+
 def ceiling(adapter: Any) -> Ceiling:
-    """An adapter's ``max_input_tokens`` field if the user set it, else ``...`` (unset), so that
-    a given ``engine`` or ``specpc`` keeps its own ceiling."""
-    return adapter.max_input_tokens if "max_input_tokens" in adapter.model_fields_set else ...
+    """An adapter's ``max_input_tokens`` field if the user set it, else ``...`` (unset)."""
+    return user_set(adapter, "max_input_tokens")
 
 
 def _ceiling(given: Ceiling, own: int | None = DEFAULT_MAX_INPUT_TOKENS) -> int | None:
@@ -166,6 +184,7 @@ class EngineSource:
     dtype: str = "auto"
     device: str | None = None
     max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
+    prefill_chunk_size: int | None = PREFILL_CHUNK_SIZE
 
 
 def engine_source(
@@ -183,9 +202,10 @@ def engine_source(
     dtype: str = "auto",
     device: str | None = None,
     max_input_tokens: Ceiling = ...,
+    prefill_chunk_size: Ceiling = ...,
 ) -> EngineSource:
     """Check the sources and method fields an adapter was given; ``method=None`` means unset,
-    and so does ``max_input_tokens=...``."""
+    and so does ``...`` for ``max_input_tokens`` and ``prefill_chunk_size``."""
     given: dict[str, int] = {name: value for name, value in (fields or {}).items() if value is not None}
     targets = [
         name for name, value in (("model", model), ("llm", llm), ("engine", engine)) if value is not None
@@ -205,13 +225,17 @@ def engine_source(
         if draft is not None or draft_model is not None:
             raise ValueError(f"engine=... already holds the models: do not also pass a draft to {owner}.")
         limit = _ceiling(max_input_tokens, engine.max_input_tokens)
+        chunk = _ceiling(prefill_chunk_size, engine.prefill_chunk_size)
         name, config = engine.method, engine.config
         if method is not None or given:
             name, config = _name(method or engine.method), _method_config(method or engine.method, given)
-        if config is not engine.config or limit != engine.max_input_tokens:
+        own = (engine.max_input_tokens, engine.prefill_chunk_size)
+        if config is not engine.config or (limit, chunk) != own:
             models = (engine.target, engine.tokenizer, engine.draft, engine.draft_tokenizer)
-            engine = SpecEngine(*models, config, max_input_tokens=limit)
-        return EngineSource(owner, name, config, engine=engine, max_input_tokens=limit)
+            engine = SpecEngine(*models, config, max_input_tokens=limit, prefill_chunk_size=chunk)
+        return EngineSource(
+            owner, name, config, engine=engine, max_input_tokens=limit, prefill_chunk_size=chunk
+        )
     if not targets:
         model = DEFAULT_TARGET
         if draft is None and draft_model is None:
@@ -237,6 +261,7 @@ def engine_source(
         dtype=dtype,
         device=device,
         max_input_tokens=_ceiling(max_input_tokens),
+        prefill_chunk_size=_ceiling(prefill_chunk_size, PREFILL_CHUNK_SIZE),
     )
 
 
@@ -308,7 +333,13 @@ class LazyEngine:
             assert s.draft is not None  # checked by engine_source
             draft, draft_tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
         return SpecEngine(
-            target, tokenizer, draft, draft_tokenizer, s.config, max_input_tokens=s.max_input_tokens
+            target,
+            tokenizer,
+            draft,
+            draft_tokenizer,
+            s.config,
+            max_input_tokens=s.max_input_tokens,
+            prefill_chunk_size=s.prefill_chunk_size,
         )
 
     def target(self) -> Any:
@@ -534,6 +565,7 @@ class DraftSource:
     device: str | None = None
     max_input_tokens: int | None = DEFAULT_MAX_INPUT_TOKENS
     target_tokenizer: Any = None  # a name or path, or a tokenizer object; None: the draft's
+    prefill_chunk_size: int | None = PREFILL_CHUNK_SIZE
 
 
 def draft_source(
@@ -549,6 +581,7 @@ def draft_source(
     device: str | None = None,
     max_input_tokens: Ceiling = ...,
     target_tokenizer: Any = None,
+    prefill_chunk_size: Ceiling = ...,
 ) -> DraftSource:
     """Check a document compressor's draft and build its config (``fields`` over ``config``,
     over ``specpc``'s config, over SpecPC's defaults with :data:`SPLITTER_DEFAULTS`).
@@ -582,10 +615,23 @@ def draft_source(
         )
     else:
         check_model_names(draft)
-    own = specpc.max_input_tokens if specpc is not None else DEFAULT_MAX_INPUT_TOKENS
-    limit = _ceiling(max_input_tokens, own)
+    limit: int | None = DEFAULT_MAX_INPUT_TOKENS
+    chunk: int | None = PREFILL_CHUNK_SIZE
+    if specpc is not None:
+        limit, chunk = specpc.max_input_tokens, specpc.prefill_chunk_size
+    limit, chunk = _ceiling(max_input_tokens, limit), _ceiling(prefill_chunk_size, chunk)
     return DraftSource(
-        owner, resolved, draft, draft_model, draft_tokenizer, specpc, dtype, device, limit, target_tokenizer
+        owner,
+        resolved,
+        draft,
+        draft_model,
+        draft_tokenizer,
+        specpc,
+        dtype,
+        device,
+        limit,
+        target_tokenizer,
+        prefill_chunk_size=chunk,
     )
 
 
@@ -612,17 +658,19 @@ class DocumentCompressor:
 
     def _build(self) -> SpecPC:
         s = self.source
+        options = {"max_input_tokens": s.max_input_tokens, "prefill_chunk_size": s.prefill_chunk_size}
         if s.specpc is not None:
-            if s.specpc.config == s.config and s.specpc.max_input_tokens == s.max_input_tokens:
+            own = {name: getattr(s.specpc, name) for name in options}
+            if s.specpc.config == s.config and own == options:
                 return s.specpc
-            return SpecPC(s.specpc.model, s.specpc.tokenizer, s.config, max_input_tokens=s.max_input_tokens)
+            return SpecPC(s.specpc.model, s.specpc.tokenizer, s.config, **options)
         model, tokenizer = s.draft_model, s.draft_tokenizer
         if model is None:
             from spec_rag.models import get_model  # imported on first use: it is heavy
 
             assert s.draft is not None  # checked by draft_source
             model, tokenizer = get_model(s.draft, dtype=s.dtype, device=s.device)
-        return SpecPC(model, tokenizer, s.config, max_input_tokens=s.max_input_tokens)
+        return SpecPC(model, tokenizer, s.config, **options)
 
     def target_tokenizer(self) -> Any:
         """The tokenizer the budget counts in (``None``: the draft's), loaded on first use."""

@@ -169,11 +169,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         config = config_for_method(args.method, **fields)
     except ValueError as err:
         raise InvalidInputError(str(err)) from err
+    if args.prefill_chunk_size < 0:
+        raise InvalidInputError(
+            f"--prefill-chunk-size must be a positive number of tokens, or 0 for one pass "
+            f"(got {args.prefill_chunk_size})."
+        )
     target, tokenizer = _load(args, args.target)
     draft = draft_tokenizer = None
     if args.method not in ("full", "snapkv", "streamingllm"):
         draft, draft_tokenizer = _load(args, args.draft)
-    engine = SpecEngine(target, tokenizer, draft, draft_tokenizer, config)
+    chunk = args.prefill_chunk_size or None
+    engine = SpecEngine(target, tokenizer, draft, draft_tokenizer, config, prefill_chunk_size=chunk)
     messages = [{"role": "user", "content": prompt}] if args.chat else prompt
     stream = engine.stream(
         messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
@@ -205,7 +211,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
     """The ``spec-rag`` parser; ``bench=False`` lists ``bench`` without importing the benchmark."""
-    from spec_rag.config import DEFAULT_METHOD, METHODS
+    from spec_rag.config import DEFAULT_METHOD, METHODS, PREFILL_CHUNK_SIZE
     from spec_rag.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
     common = argparse.ArgumentParser(add_help=False)
@@ -259,6 +265,13 @@ def build_parser(*, bench: bool = True) -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message")
+    generate.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=PREFILL_CHUNK_SIZE,
+        help=f"read a longer prompt in chunks of this many tokens, which bounds the prefill's memory "
+        f"(default {PREFILL_CHUNK_SIZE}; 0: one pass)",
+    )
     generate.set_defaults(func=cmd_generate)
 
     if bench:  # the benchmark package is heavy: imported only to run it

@@ -312,6 +312,12 @@ METHODS = ("full", "specpc", "speckv", "speckv-pc", "snapkv", "streamingllm")
 # 0.59x full's time and 0.57x its working memory (docs/results.md).
 DEFAULT_METHOD = "speckv-pc"
 
+#: A prefill of more tokens than this runs in chunks of this many (see
+#: :func:`spec_rag.generation.forward`): the activations of a pass (queries, attention outputs,
+#: residual stream) then cover one chunk, not the whole prompt. ``None`` anywhere it is taken
+#: means one pass.
+PREFILL_CHUNK_SIZE = 2048
+
 
 def _key(method: str) -> str:
     key = method.lower().replace("_", "-")

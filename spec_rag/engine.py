@@ -20,11 +20,10 @@ from spec_rag._prompt import (
     same_vocabulary,
     with_tools,
 )
-from spec_rag.config import EngineConfig, method_info
+from spec_rag.config import PREFILL_CHUNK_SIZE, EngineConfig, method_info
 from spec_rag.constrained import Constraint, Guide
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import (
-    PREFILL_CHUNK_SIZE,
     DecodeResult,
     GenerationStats,
     Prefilled,

@@ -166,12 +166,6 @@ def chunk_feed_forward(model: Any) -> bool:
     return bool(done)
 
 
-#: A prefill of more tokens than this runs in chunks of this many (see :func:`forward`): the
-#: activations of a pass (queries, attention outputs, residual stream) then cover one chunk, not
-#: the whole prompt. ``None`` anywhere it is taken means one pass.
-PREFILL_CHUNK_SIZE = 2048
-
-
 def prefill_chunks(
     length: int,
     chunk_size: int | None,

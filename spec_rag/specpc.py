@@ -34,10 +34,10 @@ from spec_rag._prompt import (
     text_from_spans,
     with_tools,
 )
-from spec_rag.config import CHUNK_SINK_TOKENS, SpecPCConfig
+from spec_rag.config import CHUNK_SINK_TOKENS, PREFILL_CHUNK_SIZE, SpecPCConfig
 from spec_rag.constrained import Guide
 from spec_rag.errors import InvalidInputError
-from spec_rag.generation import PREFILL_CHUNK_SIZE, SamplingParams, decode_tokens, forward, new_cache
+from spec_rag.generation import SamplingParams, decode_tokens, forward, new_cache
 from spec_rag.scoring import TokenScoreRecorder, enable_scoring, pool_scores
 from spec_rag.selection import select_prompt_tokens
 

@@ -95,6 +95,34 @@ def test_max_input_tokens_unset_keeps_the_given_engines_or_specpcs_own(
     assert rebuilt is not specpc and rebuilt.max_input_tokens == 80
 
 
+def test_prefill_chunk_size_unset_keeps_the_given_engines_or_specpcs_own(
+    target: Any, tokenizer: Any, draft: Any
+) -> None:
+    engine = SpecEngine(target, tokenizer, draft, tokenizer, SpecKVConfig(), prefill_chunk_size=300)
+    assert engine_source("X", engine=engine).engine is engine
+    # Another method on the engine's models keeps its chunking (and its ceiling).
+    rerun = engine_source("X", engine=engine, method="full")
+    assert rerun.engine is not None and rerun.engine.method == "full"
+    assert rerun.prefill_chunk_size == rerun.engine.prefill_chunk_size == 300
+    one_pass = engine_source("X", engine=engine, prefill_chunk_size=None)
+    assert one_pass.engine is not None and one_pass.engine.prefill_chunk_size is None
+    assert one_pass.engine.config is engine.config
+    # Models given as objects or names: the field, else the library's default.
+    built = LazyEngine(
+        engine_source("X", llm=target, tokenizer=tokenizer, method="full", prefill_chunk_size=64)
+    )
+    assert built.get().prefill_chunk_size == 64
+    assert engine_source("X", model=T, draft=D).prefill_chunk_size == adapters.PREFILL_CHUNK_SIZE
+    specpc = SpecPC(draft, tokenizer, SpecPCConfig(), prefill_chunk_size=300)
+    assert DocumentCompressor(draft_source("X", specpc=specpc)).get() is specpc
+    budget = DocumentCompressor(draft_source("X", specpc=specpc, fields={"max_capacity_prompt": 80})).get()
+    assert budget is not specpc and budget.prefill_chunk_size == 300
+    whole = DocumentCompressor(draft_source("X", specpc=specpc, prefill_chunk_size=None)).get()
+    assert whole is not specpc and whole.prefill_chunk_size is None and whole.config == specpc.config
+    loaded = draft_source("X", draft_model=draft, draft_tokenizer=tokenizer, prefill_chunk_size=64)
+    assert DocumentCompressor(loaded).get().prefill_chunk_size == 64
+
+
 def test_names_are_checked_at_one_call_site(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str | None, ...]] = []
     monkeypatch.setattr(adapters, "check_model_names", lambda *names: seen.append(names))

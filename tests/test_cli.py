@@ -168,3 +168,38 @@ def test_corrupted_pack_is_refused_by_checksum(tmp_path, monkeypatch, capsys):
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(Exception, match=r"(?i)no such file or directory"):
         cli.main(["generate", "hi", "--method", "full", "--target", str(tmp_path / "nope"), "--debug"])
+
+
+def test_a_negative_prefill_chunk_size_is_one_clear_line_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load", lambda *args: pytest.fail("no model is loaded for a bad option"))
+    code = cli.main(["generate", "hello", "--method", "full", "--prefill-chunk-size", "-5", *SMALL])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--prefill-chunk-size must be a positive" in err[0]
+
+
+@pytest.mark.real_model
+def test_generate_reads_a_prompt_in_prefill_chunks_with_the_same_answer(monkeypatch, capsys):
+    calls: list[int] = []
+    hooks = []
+    load = cli._load
+
+    def load_and_watch(args, name):  # the tokens each call of the first layer reads
+        model, tokenizer = load(args, name)
+        attention = model.model.layers[0].self_attn.q_proj
+        hooks.append(attention.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[1])))
+        return model, tokenizer
+
+    monkeypatch.setattr(cli, "_load", load_and_watch)
+    prompt = "The vault code is 7319. " * 12 + "What is the vault code?"
+    argv = ["generate", prompt, "--method", "full", "--chat", "--max-new-tokens", "8", *SMALL]
+    try:
+        assert cli.main([*argv, "--prefill-chunk-size", "0"]) == 0
+        whole = capsys.readouterr().out
+        assert max(calls) > 32
+        calls.clear()
+        assert cli.main([*argv, "--prefill-chunk-size", "32"]) == 0
+        assert max(calls) <= 32
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert capsys.readouterr().out == whole and whole.strip()

@@ -32,10 +32,9 @@ from spec_rag._prompt import (
     encode_prompt,
     has_tool_structure,
 )
-from spec_rag.config import MethodInfo
+from spec_rag.config import PREFILL_CHUNK_SIZE, MethodInfo
 from spec_rag.constrained import Guide
 from spec_rag.generation import (
-    PREFILL_CHUNK_SIZE,
     GenerationStats,
     Prefilled,
     cache_view,

@@ -66,6 +66,9 @@ class ChatSpecKV(BaseChatModel):
         dtype / device: how models given by name are loaded.
         max_input_tokens: ceiling on a request's prompt tokens (``None``: none; unset: the
             ``engine``'s, else spec-rag's default); a larger request raises ``InputTooLargeError``.
+        prefill_chunk_size: a prefill (the target's, the draft's) longer than this runs in
+            chunks of this many tokens, which bounds its memory on long prompts (``None``: one
+            pass; unset: the ``engine``'s, else 2048).
         timeout, max_retries, api_key: accepted for drop-in compatibility and ignored; the
             model runs in this process.
 
@@ -121,6 +124,7 @@ class ChatSpecKV(BaseChatModel):
     dtype: str = "auto"
     device: str | None = None
     max_input_tokens: core.InputCeiling = core.DEFAULT_MAX_INPUT_TOKENS
+    prefill_chunk_size: core.PrefillChunk = core.PREFILL_CHUNK_SIZE
 
     timeout: float | None = None
     max_retries: int | None = None
@@ -142,9 +146,10 @@ class ChatSpecKV(BaseChatModel):
             dtype=self.dtype,
             device=self.device,
             max_input_tokens=core.ceiling(self),
+            prefill_chunk_size=core.user_set(self, "prefill_chunk_size"),
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method
-        self.max_input_tokens = source.max_input_tokens
+        self.max_input_tokens, self.prefill_chunk_size = source.max_input_tokens, source.prefill_chunk_size
         self._core = core.LazyEngine(source)
         return self
 

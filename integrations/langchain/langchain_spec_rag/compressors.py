@@ -12,11 +12,14 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from spec_rag import SpecPC, SpecPCConfig
 from spec_rag.adapters import (
     DEFAULT_MAX_INPUT_TOKENS,
+    PREFILL_CHUNK_SIZE,
     Budget,
     DocumentCompressor,
     InputCeiling,
+    PrefillChunk,
     ceiling,
     draft_source,
+    user_set,
 )
 
 # SpecPCConfig fields a user may set one by one on the compressor (besides max_capacity_prompt).
@@ -62,6 +65,9 @@ class SpecPCCompressor(BaseDocumentCompressor):
             document tokens to the served model, whatever the draft's vocabulary.
         max_input_tokens: ceiling on the tokens of one call's prompt (``None``: none; unset: the
             ``specpc``'s, else spec-rag's default); a larger call raises ``InputTooLargeError``.
+        prefill_chunk_size: the draft reads a prompt longer than this in chunks of this many
+            tokens on one cache, which bounds its memory (``None``: one pass; unset: the
+            ``specpc``'s, else 2048). Not ``chunk_size``, which splits into separate passes.
 
     Example:
         .. code-block:: python
@@ -101,6 +107,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
     order: Literal["input", "score"] = "input"
     instruction: str | None = None
     max_input_tokens: InputCeiling = DEFAULT_MAX_INPUT_TOKENS
+    prefill_chunk_size: PrefillChunk = PREFILL_CHUNK_SIZE
 
     _core: DocumentCompressor = PrivateAttr()
 
@@ -122,8 +129,10 @@ class SpecPCCompressor(BaseDocumentCompressor):
             device=self.device,
             max_input_tokens=ceiling(self),
             target_tokenizer=self.target_tokenizer,
+            prefill_chunk_size=user_set(self, "prefill_chunk_size"),
         )
         self.draft, self.max_input_tokens = source.draft, source.max_input_tokens
+        self.prefill_chunk_size = source.prefill_chunk_size
         self._core = DocumentCompressor(source)
         return self
 

@@ -338,6 +338,18 @@ def test_max_input_tokens_refuses_a_long_prompt_and_the_next_request_is_answered
     assert SpecKVLLM(engine=bounded).max_input_tokens == 100  # unset: the engine's own
 
 
+def test_prefill_chunk_size_is_the_engines_unless_set(models, engine):
+    target, draft, tokenizer = models
+    chunked = SpecEngine(target, tokenizer, draft, config=KV, prefill_chunk_size=300)
+    assert SpecKVLLM(engine=chunked).prefill_chunk_size == 300  # unset: the engine's own
+    rerun = SpecKVLLM(engine=chunked, method="full")  # another method on the same models
+    assert rerun._get_engine().prefill_chunk_size == 300 and rerun._get_engine().method == "full"
+    one_pass = SpecKVLLM(engine=chunked, prefill_chunk_size=None)
+    assert one_pass._get_engine().prefill_chunk_size is None
+    assert one_pass.complete(PROMPT).text == SpecKVLLM(engine=chunked).complete(PROMPT).text
+    assert _llm(models).prefill_chunk_size == 2048
+
+
 # -- untrusted text ----------------------------------------------------------------------------
 def test_a_rendered_prompt_keeps_its_template_markers_only_when_marked_trusted(models):
     tokenizer = models[2]

@@ -40,6 +40,7 @@ class ScriptedSpecPC:
     def __init__(self, results: list[DocumentCompression], config: SpecPCConfig | None = None) -> None:
         self.config = config or SpecPCConfig()
         self.max_input_tokens = DEFAULT_MAX_INPUT_TOKENS
+        self.prefill_chunk_size = 2048
         self.results = results
         self.calls: list[tuple[str, list[str]]] = []
         self.options: list[dict] = []
@@ -322,6 +323,22 @@ def test_max_input_tokens_refuses_too_many_nodes_and_the_next_call_works(tiny_dr
     assert [n.node.get_content() for n in got] == [n.node.get_content() for n in want] != []
     specpc = SpecPC(model, tokenizer, SpecPCConfig(), max_input_tokens=300)
     assert SpecPCNodePostprocessor(specpc=specpc).max_input_tokens == 300  # unset: the specpc's own
+
+
+def test_prefill_chunk_size_is_the_specpcs_unless_set_and_keeps_the_kept_text(tiny_draft):
+    model, tokenizer = tiny_draft
+    specpc = SpecPC(model, tokenizer, SpecPCConfig(**SMALL), prefill_chunk_size=300)
+    assert SpecPCNodePostprocessor(specpc=specpc).prefill_chunk_size == 300  # unset: the specpc's own
+    options = {"draft_model": model, "draft_tokenizer": tokenizer, **SMALL}
+    whole = SpecPCNodePostprocessor(**options, prefill_chunk_size=None).postprocess_nodes(
+        _nodes(3), query_str=QUERY
+    )
+    chunked = SpecPCNodePostprocessor(**options, prefill_chunk_size=96).postprocess_nodes(
+        _nodes(3), query_str=QUERY
+    )
+    assert [n.node.get_content() for n in chunked] == [n.node.get_content() for n in whole] != []
+    with pytest.raises(ValueError, match="greater than 0"):
+        SpecPCNodePostprocessor(**options, prefill_chunk_size=0)
 
 
 def test_target_tokenizer_object_budgets_in_the_served_models_tokens(tiny_draft):

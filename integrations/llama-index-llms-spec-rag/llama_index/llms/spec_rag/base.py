@@ -40,6 +40,7 @@ from llama_index.core.types import PydanticProgramMode
 from spec_rag import DEFAULT_METHOD, Generation, SpecEngine
 from spec_rag.adapters import (
     DEFAULT_MAX_INPUT_TOKENS,
+    PREFILL_CHUNK_SIZE,
     SAMPLING_FIELDS,
     SOURCE_NAMES,
     Budget,
@@ -48,6 +49,7 @@ from spec_rag.adapters import (
     LazyEngine,
     Lookahead,
     MaxNewTokens,
+    PrefillChunk,
     Temperature,
     TopK,
     TopP,
@@ -59,6 +61,7 @@ from spec_rag.adapters import (
     sampling_options,
     split_tool_options,
     usage,
+    user_set,
 )
 from spec_rag.errors import InvalidInputError
 
@@ -172,6 +175,11 @@ class SpecKVLLM(FunctionCallingLLM):
         default=DEFAULT_MAX_INPUT_TOKENS,
         description="Most prompt tokens a request may have (None: no ceiling; unset: the engine's).",
     )
+    prefill_chunk_size: PrefillChunk = Field(
+        default=PREFILL_CHUNK_SIZE,
+        description="A longer prefill (target's, draft's) runs in chunks of this many tokens, which "
+        "bounds its memory (None: one pass; unset: the engine's).",
+    )
 
     _core: LazyEngine = PrivateAttr()
 
@@ -198,9 +206,10 @@ class SpecKVLLM(FunctionCallingLLM):
             dtype=self.dtype,
             device=self.device,
             max_input_tokens=ceiling(self),
+            prefill_chunk_size=user_set(self, "prefill_chunk_size"),
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method
-        self.max_input_tokens = source.max_input_tokens
+        self.max_input_tokens, self.prefill_chunk_size = source.max_input_tokens, source.prefill_chunk_size
         self._core = LazyEngine(source)
 
     @classmethod

@@ -18,11 +18,14 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, Query
 from spec_rag import DocumentCompression, SpecPC, SpecPCConfig
 from spec_rag.adapters import (
     DEFAULT_MAX_INPUT_TOKENS,
+    PREFILL_CHUNK_SIZE,
     Budget,
     DocumentCompressor,
     InputCeiling,
+    PrefillChunk,
     ceiling,
     draft_source,
+    user_set,
 )
 
 SCORE_KEY = "spec_rag_score"
@@ -102,6 +105,11 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
         default=DEFAULT_MAX_INPUT_TOKENS,
         description="Most prompt tokens one call may have (None: no ceiling; unset: the specpc's).",
     )
+    prefill_chunk_size: PrefillChunk = Field(
+        default=PREFILL_CHUNK_SIZE,
+        description="The draft reads a longer prompt in chunks of this many tokens on one cache, "
+        "which bounds its memory (None: one pass; unset: the specpc's). Not chunk_size.",
+    )
 
     _core: DocumentCompressor = PrivateAttr()
 
@@ -129,8 +137,10 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
             device=self.device,
             max_input_tokens=ceiling(self),
             target_tokenizer=target_tokenizer,
+            prefill_chunk_size=user_set(self, "prefill_chunk_size"),
         )
         self.draft, self.max_input_tokens = source.draft, source.max_input_tokens
+        self.prefill_chunk_size = source.prefill_chunk_size
         self._core = DocumentCompressor(source)
 
     @classmethod
