@@ -32,6 +32,7 @@ from spec_rag.generation import (
     decode_tokens,
 )
 from spec_rag.methods import Method, Models, Request, ScoredPrompt, build_method
+from spec_rag.scoring import try_enable_scoring
 from spec_rag.tools import (
     ToolCall,
     check_supports_tools,
@@ -174,6 +175,9 @@ class SpecEngine:
         self.draft_tokenizer = draft_tokenizer if draft_tokenizer is not None else tokenizer
         self.config = config
         _check_tokenizer_fits(target, tokenizer, "target")
+        # The scoring wrapper also runs chunked prefills faster on CPU (spec_rag.scoring); models
+        # it cannot wrap keep their kernel.
+        try_enable_scoring(target)
         info = method_info(self.method)
         if info.needs_draft:
             if draft is None:

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from spec_rag.constrained import Guide
-from spec_rag.scoring import RECORDER_KWARG, WindowRecorder
+from spec_rag.scoring import CAUSAL_KWARG, RECORDER_KWARG, WindowRecorder, uses_scoring
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,8 @@ def _forward_pass(
         kwargs["position_ids"] = positions[None, :]
     if recorder is not None:
         kwargs[RECORDER_KWARG] = recorder
+    if input_ids.shape[1] > 1 and uses_scoring(model):
+        kwargs[CAUSAL_KWARG] = True  # our masks are causal to the cache's end: a faster CPU kernel
     kwargs[_cache_argument(type(model))] = cache
     chunked = input_ids.shape[1] > FFN_CHUNK_TOKENS and chunk_feed_forward(model)
     token = _FFN_CHUNK.set(FFN_CHUNK_TOKENS) if chunked else None

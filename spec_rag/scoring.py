@@ -7,6 +7,13 @@ caller passed a recorder through the forward's keyword arguments, computes the c
 attention probabilities of a few *window* queries over the keys: ``|Q| x L`` per head, never
 ``L x L``. Nothing process-global is replaced, and a forward without a recorder runs exactly
 the base kernel, so one model can serve scoring and plain calls from several threads at once.
+
+The wrapper also runs one case faster than the base kernel: on CPU, a pass of several new tokens
+over a cache that already holds earlier ones (a chunk of a chunked prefill). Its mask (causal,
+aligned to the cache's end) sends sdpa to a masked kernel that computes every masked-out score
+of the new block too; the wrapper instead attends to the earlier keys unmasked and to the new
+block causally, two flash-attention calls merged through their log-sum-exps (the same output up
+to rounding, no repeated KV heads, no mask).
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from spec_rag.errors import UnsupportedModelError
 
 RECORDER_KWARG = "spec_rag_recorder"
+#: Passed by :func:`spec_rag.generation.forward` to models with the wrapper: the pass's mask is
+#: causal and aligned to the cache's end (one sequence, no padding), as every spec-rag forward's is.
+CAUSAL_KWARG = "spec_rag_causal"
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _PREFIX = "spec_rag_"
 _register_lock = threading.Lock()
 
@@ -41,11 +52,41 @@ def _wrapped_attention(base: str) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         recorder: WindowRecorder | None = kwargs.pop(RECORDER_KWARG, None)
+        causal = kwargs.pop(CAUSAL_KWARG, False)
         if recorder is not None:
             recorder.observe(module, query, key, kwargs)
+        if causal and base == "sdpa":
+            output = causal_tail_attention(module, query, key, value, **kwargs)
+            if output is not None:
+                return output, None
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def causal_tail_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any
+) -> torch.Tensor | None:
+    """Attention of ``q`` new tokens whose keys are the last ``q`` of ``key`` (``[b, heads, L, d]``),
+    causal among themselves and over every earlier key; ``[b, q, heads, d]`` as sdpa returns it.
+
+    ``None`` where this path does not apply (not on CPU, no earlier keys, a single token, dropout,
+    soft-capping, a sliding window, or a torch without the CPU flash kernel): the caller then
+    runs the base kernel.
+    """
+    new, past = query.shape[2], key.shape[2] - query.shape[2]
+    if _FLASH_CPU is None or query.device.type != "cpu" or new <= 1 or past <= 0:
+        return None
+    if kwargs.get("dropout") or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        return None
+    if query.dtype not in (torch.float32, torch.bfloat16) or query.shape[1] % key.shape[1]:
+        return None
+    scale = kwargs.get("scaling")
+    earlier, earlier_lse = _FLASH_CPU(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scale)
+    own, own_lse = _FLASH_CPU(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scale)
+    weight = torch.sigmoid(earlier_lse.float() - own_lse.float()).unsqueeze(-1)  # share of the earlier keys
+    output = torch.lerp(own.float(), earlier.float(), weight).to(query.dtype)
+    return output.transpose(1, 2).contiguous()
 
 
 def enable_scoring(model: Any) -> str:
@@ -71,6 +112,20 @@ def enable_scoring(model: Any) -> str:
         if config._attn_implementation != name:
             model.set_attn_implementation(name)  # type: ignore[operator]
     return name
+
+
+def uses_scoring(model: Any) -> bool:
+    """Whether ``model`` runs the scoring wrapper (see :func:`enable_scoring`)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "").startswith(_PREFIX)
+
+
+def try_enable_scoring(model: Any) -> bool:
+    """:func:`enable_scoring` where ``model`` supports it; ``False`` (nothing changed) elsewhere."""
+    try:
+        enable_scoring(model)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def _check_supported(config: Any) -> None:

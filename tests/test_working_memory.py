@@ -15,11 +15,12 @@ from tiny_models import _tokenizer, tiny_model
 
 import spec_rag.generation as generation
 import spec_rag.methods.streamingllm as streaming_module
+import spec_rag.scoring as scoring
 from spec_rag import SpecEngine, SpecPC, SpecPCConfig, StreamingLLMConfig
 from spec_rag.config import config_for_method
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import forward, new_cache
-from spec_rag.scoring import HeadScoreRecorder, LayerHook
+from spec_rag.scoring import HeadScoreRecorder, LayerHook, causal_tail_attention, enable_scoring
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -167,6 +168,58 @@ def test_a_chunked_prefill_gives_the_same_logits_and_cache_as_one_pass(tokenizer
     chunked_next = forward(model, more, chunked_cache, position_start=400, prefill_chunk_size=64)
     assert calls == [64, 64, 22]
     assert torch.allclose(chunked_next, whole_next, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kv_heads", [4, 1])  # multi-head and grouped-query attention
+def test_causal_tail_attention_equals_sdpa_under_the_caches_causal_mask(dtype, tolerance, kv_heads):
+    torch.manual_seed(0)
+    new, total = 37, 150
+    query = torch.randn(1, 4, new, 16, dtype=dtype)
+    key, value = (
+        torch.randn(1, kv_heads, total, 16, dtype=dtype),
+        torch.randn(1, kv_heads, total, 16, dtype=dtype),
+    )
+    mask = torch.ones(new, total, dtype=torch.bool).tril(total - new)  # row i sees keys up to past + i
+    groups = 4 // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(),
+        key.float().repeat_interleave(groups, 1),
+        value.float().repeat_interleave(groups, 1),
+        attn_mask=mask,
+        scale=0.3,
+    ).transpose(1, 2)
+    got = causal_tail_attention(torch.nn.Identity(), query, key, value, scaling=0.3, dropout=0.0)
+    assert got is not None and got.dtype == dtype and got.shape == (1, new, 4, 16)
+    assert torch.allclose(got.float(), expected, atol=tolerance, rtol=tolerance)
+    # Not its case: one new token, no earlier keys, dropout; the caller then runs the base kernel.
+    assert causal_tail_attention(torch.nn.Identity(), query[:, :, :1], key, value) is None
+    assert causal_tail_attention(torch.nn.Identity(), query, key[:, :, :new], value[:, :, :new]) is None
+    assert causal_tail_attention(torch.nn.Identity(), query, key, value, dropout=0.1) is None
+
+
+def test_a_wrapped_model_reads_chunks_through_the_causal_tail_path_with_one_pass_logits(
+    tokenizer, monkeypatch
+):
+    model = tiny_model("qwen2", tokenizer, seed=3, layers=2)
+    ids = torch.randint(3, len(tokenizer), (1, 300))
+    whole_cache, chunked_cache = new_cache(model), new_cache(model)
+    whole = forward(model, ids, whole_cache, logits_to_keep=5)
+    enable_scoring(model)
+    taken: list[int] = []
+    path = scoring.causal_tail_attention
+
+    def spy(module, query, key, value, **kwargs):
+        output = path(module, query, key, value, **kwargs)
+        taken.append(output is not None)
+        return output
+
+    monkeypatch.setattr(scoring, "causal_tail_attention", spy)
+    chunked = forward(model, ids, chunked_cache, logits_to_keep=5, prefill_chunk_size=64)
+    assert taken == [False] * 2 + [True] * 8  # 2 layers: the first chunk is plain causal, 4 more on a cache
+    assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5)
+    for a, b in zip(chunked_cache.layers, whole_cache.layers, strict=True):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
 
 
 def test_draft_scores_from_a_chunked_prefill_equal_one_pass(tokenizer, long_text):
