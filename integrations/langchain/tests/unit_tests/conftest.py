@@ -3,6 +3,7 @@ every code path, no download."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,3 +31,22 @@ def draft(tokenizer: PreTrainedTokenizerFast) -> Any:
 def tool_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny tokenizer with a Qwen2.5-style chat template that renders tools."""
     return tiny_tools_tokenizer()
+
+
+@pytest.fixture
+def layer_reads() -> Iterator[Callable[[Any], list[int]]]:
+    """``watch(model)`` gives the list of tokens each call of the model's first layer reads,
+    filled as the test runs; the hooks go when it ends."""
+    hooks: list[Any] = []
+
+    def watch(model: Any) -> list[int]:
+        calls: list[int] = []
+        attention = model.model.layers[0].self_attn.q_proj
+        hooks.append(
+            attention.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+        )
+        return calls
+
+    yield watch
+    for hook in hooks:
+        hook.remove()

@@ -440,26 +440,16 @@ def test_max_input_tokens_refuses_a_long_prompt_and_the_next_request_is_answered
 
 
 def test_prefill_chunk_size_chunks_the_targets_prefill_and_keeps_the_answer(
-    target: Any, tokenizer: Any
+    target: Any, tokenizer: Any, layer_reads: Any
 ) -> None:
-    calls: list[int] = []
-    hook = target.model.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda module, args, out: calls.append(args[0].shape[1])
-    )
-    try:
-        whole = ChatSpecKV(
-            llm=target, tokenizer=tokenizer, method="full", max_tokens=6, prefill_chunk_size=None
-        )
-        expected = whole.invoke(LONG_PROMPT)
-        assert max(calls) > 64  # the prompt is longer than the chunks below
-        calls.clear()
-        chunked = ChatSpecKV(
-            llm=target, tokenizer=tokenizer, method="full", max_tokens=6, prefill_chunk_size=64
-        )
-        assert chunked.invoke(LONG_PROMPT).content == expected.content
-        assert max(calls) <= 64
-    finally:
-        hook.remove()
+    calls = layer_reads(target)
+    whole = ChatSpecKV(llm=target, tokenizer=tokenizer, method="full", max_tokens=6, prefill_chunk_size=None)
+    expected = whole.invoke(LONG_PROMPT)
+    assert max(calls) > 64  # the prompt is longer than the chunks below
+    calls.clear()
+    chunked = ChatSpecKV(llm=target, tokenizer=tokenizer, method="full", max_tokens=6, prefill_chunk_size=64)
+    assert chunked.invoke(LONG_PROMPT).content == expected.content
+    assert max(calls) <= 64
     # Unset beside an engine, the engine's own holds, under another method too.
     engine = SpecEngine(target, tokenizer, config=None, prefill_chunk_size=300)
     assert ChatSpecKV(engine=engine, method="snapkv").prefill_chunk_size == 300

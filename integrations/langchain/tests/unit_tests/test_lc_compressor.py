@@ -295,21 +295,15 @@ def test_max_input_tokens_refuses_too_many_documents_and_the_next_call_works(
 
 
 def test_prefill_chunk_size_chunks_the_drafts_read_and_keeps_the_same_text(
-    draft: Any, tokenizer: Any
+    draft: Any, tokenizer: Any, layer_reads: Any
 ) -> None:
-    calls: list[int] = []
-    hook = draft.model.layers[0].self_attn.q_proj.register_forward_hook(
-        lambda module, args, out: calls.append(args[0].shape[1])
-    )
+    calls = layer_reads(draft)
     options = {"draft_model": draft, "draft_tokenizer": tokenizer, "max_capacity_prompt": 220, **SMALL}
-    try:
-        whole = SpecPCCompressor(**options, prefill_chunk_size=None).compress_documents(_documents(), QUERY)
-        assert max(calls) > 128
-        calls.clear()
-        chunked = SpecPCCompressor(**options, prefill_chunk_size=128).compress_documents(_documents(), QUERY)
-        assert max(calls) <= 128
-    finally:
-        hook.remove()
+    whole = SpecPCCompressor(**options, prefill_chunk_size=None).compress_documents(_documents(), QUERY)
+    assert max(calls) > 128
+    calls.clear()
+    chunked = SpecPCCompressor(**options, prefill_chunk_size=128).compress_documents(_documents(), QUERY)
+    assert max(calls) <= 128
     assert [d.page_content for d in chunked] == [d.page_content for d in whole]
     specpc = SpecPC(draft, tokenizer, SpecPCConfig(**SMALL), prefill_chunk_size=300)
     assert SpecPCCompressor(specpc=specpc).prefill_chunk_size == 300  # unset: the specpc's own
