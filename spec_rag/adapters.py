@@ -85,7 +85,6 @@ __all__ = [
     "TopP",
     "Window",
     "assistant_turn",
-    "ceiling",
     "draft_source",
     "engine_source",
     "in_threads",
@@ -142,11 +141,6 @@ def user_set(adapter: Any, name: str) -> Any:
     """An adapter's field ``name`` if the user set it, else ``...`` (unset), so that a given
     ``engine`` or ``specpc`` keeps its own value."""
     return getattr(adapter, name) if name in adapter.model_fields_set else ...
-
-
-def ceiling(adapter: Any) -> Ceiling:
-    """An adapter's ``max_input_tokens`` field if the user set it, else ``...`` (unset)."""
-    return user_set(adapter, "max_input_tokens")
 
 
 def _ceiling(given: Ceiling, own: int | None = DEFAULT_MAX_INPUT_TOKENS) -> int | None:

@@ -145,7 +145,7 @@ class ChatSpecKV(BaseChatModel):
             fields=fields,
             dtype=self.dtype,
             device=self.device,
-            max_input_tokens=core.ceiling(self),
+            max_input_tokens=core.user_set(self, "max_input_tokens"),
             prefill_chunk_size=core.user_set(self, "prefill_chunk_size"),
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method

@@ -17,7 +17,6 @@ from spec_rag.adapters import (
     DocumentCompressor,
     InputCeiling,
     PrefillChunk,
-    ceiling,
     draft_source,
     user_set,
 )
@@ -127,7 +126,7 @@ class SpecPCCompressor(BaseDocumentCompressor):
             fields=fields,
             dtype=self.dtype,
             device=self.device,
-            max_input_tokens=ceiling(self),
+            max_input_tokens=user_set(self, "max_input_tokens"),
             target_tokenizer=self.target_tokenizer,
             prefill_chunk_size=user_set(self, "prefill_chunk_size"),
         )

@@ -54,7 +54,6 @@ from spec_rag.adapters import (
     TopK,
     TopP,
     Window,
-    ceiling,
     engine_source,
     in_threads,
     resolve_tool_choice,
@@ -205,7 +204,7 @@ class SpecKVLLM(FunctionCallingLLM):
             fields=fields,
             dtype=self.dtype,
             device=self.device,
-            max_input_tokens=ceiling(self),
+            max_input_tokens=user_set(self, "max_input_tokens"),
             prefill_chunk_size=user_set(self, "prefill_chunk_size"),
         )
         self.model, self.draft, self.method = source.model, source.draft, source.method

@@ -23,7 +23,6 @@ from spec_rag.adapters import (
     DocumentCompressor,
     InputCeiling,
     PrefillChunk,
-    ceiling,
     draft_source,
     user_set,
 )
@@ -135,7 +134,7 @@ class SpecPCNodePostprocessor(BaseNodePostprocessor):
             fields={name: getattr(self, name) for name in _CONFIG_FIELDS},
             dtype=self.dtype,
             device=self.device,
-            max_input_tokens=ceiling(self),
+            max_input_tokens=user_set(self, "max_input_tokens"),
             target_tokenizer=target_tokenizer,
             prefill_chunk_size=user_set(self, "prefill_chunk_size"),
         )
