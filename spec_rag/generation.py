@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from spec_rag.constrained import Guide
-from spec_rag.scoring import CAUSAL_KWARG, RECORDER_KWARG, WindowRecorder, uses_scoring
+from spec_rag.scoring import CAUSAL_KWARG, RECORDER_KWARG, WindowRecorder, takes_causal_tail, uses_scoring
 
 
 @dataclass(frozen=True)
@@ -178,11 +178,9 @@ def prefill_chunks(
     ``offset``), ``chunk_size`` tokens each, the last one holding at least the last ``tail`` rows
     and every query ``recorder`` scores, so scores and kept logits all come from one chunk.
 
-    One slice (no chunking) when ``chunk_size`` is ``None`` or not below ``length``, or when the
-    recorder cuts each layer's cache as it is scored: earlier chunks would leave every layer's
-    whole cache alive until the last chunk, a higher peak than the one pass it replaces.
+    One slice (no chunking) when ``chunk_size`` is ``None`` or not below ``length``.
     """
-    if chunk_size is None or length <= chunk_size or (recorder is not None and recorder.cuts_cache):
+    if chunk_size is None or length <= chunk_size:
         return [(0, length)]
     if chunk_size <= 0:
         raise ValueError(f"prefill_chunk_size must be positive, or None for one pass (got {chunk_size}).")
@@ -212,13 +210,32 @@ def forward(
     ``prefill_chunk_size`` runs a longer ``input_ids`` in chunks of that many tokens, each on the
     cache the earlier ones filled (the same keys, values and logits as one pass, up to rounding);
     the recorder sees the last chunk only, which holds all of its queries (:func:`prefill_chunks`).
-    Within a pass, more than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks
+    A recorder that cuts each layer's cache as it scores it (SpecKV, SnapKV, StreamingLLM with one
+    budget) gets the chunks layer by layer where the model allows (:func:`layer_stack`), so only
+    one layer's cache is ever whole; elsewhere its prefill runs as one pass. Within a pass, more than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks
     of that many (see :func:`chunk_feed_forward`): both bound a long prefill's largest activations.
     """
     offset = cache_length(cache) if position_start is None else position_start
     slices = prefill_chunks(
         input_ids.shape[1], prefill_chunk_size, tail=logits_to_keep, recorder=recorder, offset=offset
     )
+    if len(slices) > 1 and recorder is not None and recorder.cuts_cache:
+        # Chunk by chunk, every layer's whole cache would stay alive until the last chunk; layer
+        # by layer, only one layer's is, and each layer is cut before the next one runs.
+        stack = layer_stack(model)
+        if stack is None:
+            slices = [(0, input_ids.shape[1])]  # one pass: it cuts each layer inside the forward
+        else:
+            return _layer_major_pass(
+                model,
+                stack,
+                input_ids,
+                slices,
+                cache,
+                offset=offset,
+                recorder=recorder,
+                logits_to_keep=logits_to_keep,
+            )
     for start, end in slices:
         logits = _forward_pass(
             model,
@@ -263,6 +280,73 @@ def _forward_pass(
         if token is not None:
             _FFN_CHUNK.reset(token)
     return out.logits[0].float()  # [logits_to_keep, vocab]
+
+
+#: Model types whose causal LM is ``lm_head(norm(layers(embed_tokens(ids))))`` with RoPE from
+#: ``model.rotary_emb``: no embedding scale, logit scale or soft-capping of their own.
+_LAYER_MAJOR_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+
+
+def layer_stack(model: Any) -> tuple[Any, Any, Any, Any] | None:
+    """``(embed_tokens, layers, norm, rotary_emb)`` of ``model`` where :func:`forward` may run a
+    cutting prefill layer by layer: a plain decoder stack of a known family whose passes over a
+    cache take the causal-tail path (:func:`~spec_rag.scoring.takes_causal_tail`, so chunks need
+    no mask); ``None`` elsewhere (such a prefill then runs as one pass)."""
+    base = getattr(model, "model", None)
+    if getattr(model.config, "model_type", None) not in _LAYER_MAJOR_TYPES or base is None:
+        return None
+    parts = tuple(getattr(base, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+    if any(part is None for part in parts) or getattr(model, "lm_head", None) is None:
+        return None
+    return parts if takes_causal_tail(model) else None  # type: ignore[return-value]
+
+
+def _layer_major_pass(
+    model: Any,
+    stack: tuple[Any, Any, Any, Any],
+    input_ids: torch.Tensor,
+    slices: list[tuple[int, int]],
+    cache: DynamicCache,
+    *,
+    offset: int,
+    recorder: WindowRecorder,
+    logits_to_keep: int,
+) -> torch.Tensor:
+    """:func:`forward` of a prefill whose recorder cuts each layer's cache, run layer by layer.
+
+    Each layer reads the pass in ``slices`` (every chunk on the keys the earlier ones left in
+    that layer's cache, the recorder on the last), writing its output over its input: the
+    hidden states of the whole pass are one ``[q, hidden]`` buffer, and only the running layer's
+    cache is ever whole (the recorder cuts it before the next layer starts). The same keys,
+    values, scores and logits as one pass, up to rounding.
+    """
+    embed, layers, norm, rotary = stack
+    length = input_ids.shape[1]
+    hidden = embed(input_ids.to(model.device))  # [1, q, hidden]
+    positions = torch.arange(offset, offset + length, device=hidden.device)[None, :]  # [1, q]
+    kwargs: dict[str, Any] = {CAUSAL_KWARG: True, "use_cache": True}
+    token = _FFN_CHUNK.set(FFN_CHUNK_TOKENS) if chunk_feed_forward(model) else None
+    try:
+        for layer in layers:
+            kwargs[_cache_argument(type(layer))] = cache
+            for start, end in slices:
+                part = positions[:, start:end]
+                extra = {RECORDER_KWARG: recorder} if end == length else {}
+                out = layer(
+                    hidden[:, start:end],
+                    attention_mask=None,  # causal: the first chunk by sdpa's flag, the rest by CAUSAL_KWARG
+                    position_ids=part,
+                    position_embeddings=rotary(hidden, part),
+                    **kwargs,
+                    **extra,
+                )
+                hidden[:, start:end] = out[0] if isinstance(out, tuple) else out
+    finally:
+        if token is not None:
+            _FFN_CHUNK.reset(token)
+    last = norm(hidden[:, length - logits_to_keep :])
+    del hidden
+    return model.lm_head(last)[0].float()  # [logits_to_keep, vocab]
 
 
 def keep_cache_positions(cache: DynamicCache, positions: torch.Tensor) -> None:

@@ -89,6 +89,18 @@ def causal_tail_attention(
     return output.transpose(1, 2).contiguous()
 
 
+def takes_causal_tail(model: Any) -> bool:
+    """Whether ``model``'s passes over a cache (given :data:`CAUSAL_KWARG`) run
+    :func:`causal_tail_attention`: the scoring wrapper over sdpa, on the CPU, in float32 or
+    bfloat16, with a torch that has the kernel."""
+    return (
+        _FLASH_CPU is not None
+        and getattr(model.config, "_attn_implementation", None) == _PREFIX + "sdpa"
+        and model.device.type == "cpu"
+        and model.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
 def enable_scoring(model: Any) -> str:
     """Switch ``model`` (this instance only) to the scoring wrapper of its current attention.
 

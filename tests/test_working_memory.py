@@ -20,7 +20,7 @@ from spec_rag import SpecEngine, SpecPC, SpecPCConfig, StreamingLLMConfig
 from spec_rag.config import config_for_method
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import forward, new_cache
-from spec_rag.scoring import HeadScoreRecorder, LayerHook, causal_tail_attention, enable_scoring
+from spec_rag.scoring import HeadScoreRecorder, causal_tail_attention, enable_scoring
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -140,10 +140,9 @@ def test_prefill_chunks_cover_the_pass_and_keep_the_recorders_queries_in_the_las
     # ... and every query a recorder scores (absolute positions: the pass starts at 1000).
     recorder = HeadScoreRecorder(1000 + 200, 1000 + 290)
     assert generation.prefill_chunks(300, 64, recorder=recorder, offset=1000)[-2:] == [(192, 200), (200, 300)]
-    # A recorder that cuts each layer as it is scored keeps the pass whole.
+    # A recorder that cuts each layer as it is scored gets the same chunks (run layer by layer).
     recorder.on_layer = lambda layer, scores: None
-    assert generation.prefill_chunks(300, 64, recorder=recorder, offset=1000) == [(0, 300)]
-    assert generation.prefill_chunks(300, 64, recorder=LayerHook(lambda layer, scores: None)) == [(0, 300)]
+    assert generation.prefill_chunks(300, 64, recorder=recorder, offset=1000)[-2:] == [(192, 200), (200, 300)]
     with pytest.raises(ValueError, match="prefill_chunk_size must be positive"):
         generation.prefill_chunks(300, 0)
 
@@ -222,6 +221,53 @@ def test_a_wrapped_model_reads_chunks_through_the_causal_tail_path_with_one_pass
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral"])
+def test_a_prefill_that_cuts_each_layer_runs_layer_by_layer_with_one_pass_results(tokenizer, arch):
+    model = tiny_model(arch, tokenizer, seed=3, layers=3)
+    enable_scoring(model)
+    ids = torch.randint(3, len(tokenizer), (1, 300))
+    runs = []
+    for chunk in (None, 64):
+        cache, scores, whole_layers = new_cache(model), {}, []
+
+        def cut(layer, layer_scores, cache=cache, scores=scores, whole_layers=whole_layers):
+            # every layer's cache length when this one is cut: the later ones have not run yet
+            whole_layers.append([int(entry.keys.shape[2]) for entry in cache.layers[: layer + 1]])
+            scores[layer] = layer_scores.clone()
+            keep = layer_scores.amax(0).topk(50).indices.sort().values
+            generation.keep_layer_positions(cache.layers[layer], keep)
+
+        calls = _layer_calls(model)
+        recorder = HeadScoreRecorder(260, 290, on_layer=cut)  # window 260..289, lookahead 290..299
+        logits = forward(model, ids, cache, recorder=recorder, logits_to_keep=11, prefill_chunk_size=chunk)
+        model.model.layers[0].self_attn.q_proj._forward_hooks.clear()
+        runs.append((logits, cache, scores, whole_layers, calls))
+    (logits, cache, scores, cuts, calls), (logits_c, cache_c, scores_c, cuts_c, calls_c) = runs
+    assert calls == [300] and calls_c == [64, 64, 64, 64, 44]  # the last chunk holds the window (260..)
+    assert cuts_c == cuts == [[300], [50, 300], [50, 50, 300]]  # one layer whole at a time
+    assert torch.allclose(logits_c, logits, atol=1e-5, rtol=1e-5)
+    for layer in range(3):
+        assert torch.allclose(scores_c[layer], scores[layer], atol=1e-5)
+    for a, b in zip(cache_c.layers, cache.layers, strict=True):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+
+
+def test_a_cutting_prefill_without_the_causal_path_runs_as_one_pass(tokenizer):
+    model = tiny_model("qwen2", tokenizer, seed=3, layers=2, attn_implementation="eager")
+    enable_scoring(model)  # the wrapper over eager: chunks would need masks
+    assert generation.layer_stack(model) is None
+    calls = _layer_calls(model)
+    recorder = HeadScoreRecorder(260, 300, on_layer=lambda layer, scores: None)
+    forward(
+        model,
+        torch.randint(3, len(tokenizer), (1, 300)),
+        new_cache(model),
+        recorder=recorder,
+        prefill_chunk_size=64,
+    )
+    assert calls == [300]
+
+
 def test_draft_scores_from_a_chunked_prefill_equal_one_pass(tokenizer, long_text):
     draft = tiny_model("qwen2", tokenizer, seed=2, layers=3)
     ids = torch.tensor(tokenizer(long_text[:3000])["input_ids"])
@@ -260,10 +306,12 @@ def test_engine_answers_alike_with_and_without_chunked_prefill(tokenizer, long_t
     assert answer.token_ids == expected.token_ids
     assert answer.stats.kv_cache_tokens == expected.stats.kv_cache_tokens
     prompt, prefill = answer.stats.prompt_tokens, answer.stats.target_prefill_tokens
-    if method == "full":  # nothing cut inside the pass: it runs in chunks
-        assert max(calls) <= 128 < prefill <= max(whole_calls)
-    else:  # one cache budget, cut layer by layer inside the pass (or a short one): one pass
-        assert max(calls) >= prefill
+    if method in ("full", "snapkv", "speckv"):  # the whole prompt: in chunks, chunk by chunk
+        # (full), or layer by layer where each layer's cache is cut inside the pass; the last
+        # chunk also holds the window and lookahead queries
+        assert max(calls) <= 128 + 64 < prefill <= max(whole_calls)
+    else:  # the cut prompt (and SpecKV-PC's lookahead after it) fits about one chunk
+        assert max(calls) <= 128 and prefill <= 160
     if method != "full" and method != "snapkv":  # the draft reads the whole prompt, in chunks
         assert max(draft_calls) <= 128 < prompt <= max(whole_draft_calls)
 
