@@ -212,8 +212,9 @@ def forward(
     the recorder sees the last chunk only, which holds all of its queries (:func:`prefill_chunks`).
     A recorder that cuts each layer's cache as it scores it (SpecKV, SnapKV, StreamingLLM with one
     budget) gets the chunks layer by layer where the model allows (:func:`layer_stack`), so only
-    one layer's cache is ever whole; elsewhere its prefill runs as one pass. Within a pass, more than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks
-    of that many (see :func:`chunk_feed_forward`): both bound a long prefill's largest activations.
+    one layer's cache is ever whole; elsewhere its prefill runs as one pass. Within a pass, more
+    than :data:`FFN_CHUNK_TOKENS` tokens run the feed-forward blocks in chunks of that many (see
+    :func:`chunk_feed_forward`): both bound a long prefill's largest activations.
     """
     offset = cache_length(cache) if position_start is None else position_start
     slices = prefill_chunks(

@@ -44,6 +44,7 @@ __all__ = [
     "tiny_model",
     "tiny_tokenizer",
     "tiny_tools_tokenizer",
+    "watch_layer_reads",
 ]
 
 #: A minimal ChatML template, as Qwen and SmolLM2 use.
@@ -234,3 +235,13 @@ def tiny_model(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def watch_layer_reads(model: Any) -> tuple[list[int], Any]:
+    """How many tokens each call of ``model``'s first decoder layer reads, as it runs: a list,
+    filled by a forward hook, and the hook's handle (``handle.remove()`` stops it). A chunked
+    prefill shows as several calls, decoding as calls of one token."""
+    reads: list[int] = []
+    projection = model.model.layers[0].self_attn.q_proj
+    handle = projection.register_forward_hook(lambda module, args, out: reads.append(args[0].shape[1]))
+    return reads, handle

@@ -13,6 +13,7 @@ from test_models import _fake_pack
 
 from spec_rag import cli
 from spec_rag.models import PACKS
+from spec_rag.testing import watch_layer_reads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--target", "smollm2-135m-instruct", "--draft", "smollm2-135m-instruct", "--quiet"]
@@ -179,14 +180,15 @@ def test_a_negative_prefill_chunk_size_is_one_clear_line_before_loading(monkeypa
 
 @pytest.mark.real_model
 def test_generate_reads_a_prompt_in_prefill_chunks_with_the_same_answer(monkeypatch, capsys):
-    calls: list[int] = []
+    watched: list[list[int]] = []  # per load, the tokens each call of the first layer reads
     hooks = []
     load = cli._load
 
-    def load_and_watch(args, name):  # the tokens each call of the first layer reads
+    def load_and_watch(args, name):
         model, tokenizer = load(args, name)
-        attention = model.model.layers[0].self_attn.q_proj
-        hooks.append(attention.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[1])))
+        reads, hook = watch_layer_reads(model)
+        hooks.append(hook)
+        watched.append(reads)
         return model, tokenizer
 
     monkeypatch.setattr(cli, "_load", load_and_watch)
@@ -195,10 +197,10 @@ def test_generate_reads_a_prompt_in_prefill_chunks_with_the_same_answer(monkeypa
     try:
         assert cli.main([*argv, "--prefill-chunk-size", "0"]) == 0
         whole = capsys.readouterr().out
-        assert max(calls) > 32
-        calls.clear()
+        assert max(n for reads in watched for n in reads) > 32
+        watched.clear()
         assert cli.main([*argv, "--prefill-chunk-size", "32"]) == 0
-        assert max(calls) <= 32
+        assert watched and max(n for reads in watched for n in reads) <= 32
     finally:
         for hook in hooks:
             hook.remove()

@@ -21,6 +21,7 @@ from spec_rag.config import config_for_method
 from spec_rag.errors import InvalidInputError
 from spec_rag.generation import forward, new_cache
 from spec_rag.scoring import HeadScoreRecorder, causal_tail_attention, enable_scoring
+from spec_rag.testing import watch_layer_reads
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -119,10 +120,7 @@ def test_working_memory_benchmark_reports_a_prompt_cut_below_full(tmp_path, monk
 # -- chunked prefill -------------------------------------------------------------------------------
 def _layer_calls(model) -> list[int]:
     """Tokens each call of the first layer's attention saw."""
-    calls: list[int] = []
-    attention = model.model.layers[0].self_attn.q_proj
-    attention.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
-    return calls
+    return watch_layer_reads(model)[0]
 
 
 def test_prefill_chunks_cover_the_pass_and_keep_the_recorders_queries_in_the_last_chunk():
@@ -237,10 +235,10 @@ def test_a_prefill_that_cuts_each_layer_runs_layer_by_layer_with_one_pass_result
             keep = layer_scores.amax(0).topk(50).indices.sort().values
             generation.keep_layer_positions(cache.layers[layer], keep)
 
-        calls = _layer_calls(model)
+        calls, hook = watch_layer_reads(model)
         recorder = HeadScoreRecorder(260, 290, on_layer=cut)  # window 260..289, lookahead 290..299
         logits = forward(model, ids, cache, recorder=recorder, logits_to_keep=11, prefill_chunk_size=chunk)
-        model.model.layers[0].self_attn.q_proj._forward_hooks.clear()
+        hook.remove()
         runs.append((logits, cache, scores, whole_layers, calls))
     (logits, cache, scores, cuts, calls), (logits_c, cache_c, scores_c, cuts_c, calls_c) = runs
     assert calls == [300] and calls_c == [64, 64, 64, 64, 44]  # the last chunk holds the window (260..)

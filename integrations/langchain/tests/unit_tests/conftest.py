@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from spec_rag.testing import tiny_model, tiny_tokenizer, tiny_tools_tokenizer
+from spec_rag.testing import tiny_model, tiny_tokenizer, tiny_tools_tokenizer, watch_layer_reads
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +40,9 @@ def layer_reads() -> Iterator[Callable[[Any], list[int]]]:
     hooks: list[Any] = []
 
     def watch(model: Any) -> list[int]:
-        calls: list[int] = []
-        attention = model.model.layers[0].self_attn.q_proj
-        hooks.append(
-            attention.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
-        )
-        return calls
+        reads, hook = watch_layer_reads(model)
+        hooks.append(hook)
+        return reads
 
     yield watch
     for hook in hooks:
