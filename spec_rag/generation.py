@@ -325,19 +325,20 @@ def _layer_major_pass(
     length = input_ids.shape[1]
     hidden = embed(input_ids.to(model.device))  # [1, q, hidden]
     positions = torch.arange(offset, offset + length, device=hidden.device)[None, :]  # [1, q]
-    kwargs: dict[str, Any] = {CAUSAL_KWARG: True, "use_cache": True}
+    # per chunk: its positions and RoPE tables, the same for every layer
+    chunks = [(start, end, positions[:, start:end]) for start, end in slices]
+    rope = [rotary(hidden, part) for _, _, part in chunks]
+    kwargs: dict[str, Any] = {CAUSAL_KWARG: True, "use_cache": True, _cache_argument(type(layers[0])): cache}
     token = _FFN_CHUNK.set(FFN_CHUNK_TOKENS) if chunk_feed_forward(model) else None
     try:
         for layer in layers:
-            kwargs[_cache_argument(type(layer))] = cache
-            for start, end in slices:
-                part = positions[:, start:end]
+            for (start, end, part), embeddings in zip(chunks, rope, strict=True):
                 extra = {RECORDER_KWARG: recorder} if end == length else {}
                 out = layer(
                     hidden[:, start:end],
                     attention_mask=None,  # causal: the first chunk by sdpa's flag, the rest by CAUSAL_KWARG
                     position_ids=part,
-                    position_embeddings=rotary(hidden, part),
+                    position_embeddings=embeddings,
                     **kwargs,
                     **extra,
                 )

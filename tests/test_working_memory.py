@@ -118,11 +118,6 @@ def test_working_memory_benchmark_reports_a_prompt_cut_below_full(tmp_path, monk
 
 
 # -- chunked prefill -------------------------------------------------------------------------------
-def _layer_calls(model) -> list[int]:
-    """Tokens each call of the first layer's attention saw."""
-    return watch_layer_reads(model)[0]
-
-
 def test_prefill_chunks_cover_the_pass_and_keep_the_recorders_queries_in_the_last_chunk():
     assert generation.prefill_chunks(300, None) == [(0, 300)]
     assert generation.prefill_chunks(300, 300) == [(0, 300)]
@@ -150,7 +145,7 @@ def test_a_chunked_prefill_gives_the_same_logits_and_cache_as_one_pass(tokenizer
     ids = torch.randint(3, len(tokenizer), (1, 300))
     whole_cache, chunked_cache = new_cache(model), new_cache(model)
     whole = forward(model, ids, whole_cache, logits_to_keep=5)
-    calls = _layer_calls(model)
+    calls = watch_layer_reads(model)[0]
     chunked = forward(model, ids, chunked_cache, logits_to_keep=5, prefill_chunk_size=64)
     assert calls == [64, 64, 64, 64, 44]
     assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5)
@@ -254,7 +249,7 @@ def test_a_cutting_prefill_without_the_causal_path_runs_as_one_pass(tokenizer):
     model = tiny_model("qwen2", tokenizer, seed=3, layers=2, attn_implementation="eager")
     enable_scoring(model)  # the wrapper over eager: chunks would need masks
     assert generation.layer_stack(model) is None
-    calls = _layer_calls(model)
+    calls = watch_layer_reads(model)[0]
     recorder = HeadScoreRecorder(260, 300, on_layer=lambda layer, scores: None)
     forward(
         model,
@@ -273,7 +268,7 @@ def test_draft_scores_from_a_chunked_prefill_equal_one_pass(tokenizer, long_text
     config = SpecPCConfig(window_size=48, lookahead_tokens=4, starting_layer_index=0)
     whole = SpecPC(draft, tokenizer, config, prefill_chunk_size=None)
     chunked = SpecPC(draft, tokenizer, config, prefill_chunk_size=100)  # the window spans two chunks
-    calls = _layer_calls(draft)
+    calls = watch_layer_reads(draft)[0]
     scores_whole, lookahead_whole = whole.score_tokens(ids)
     assert calls[0] == ids.numel()
     calls.clear()
@@ -295,7 +290,7 @@ def test_engine_answers_alike_with_and_without_chunked_prefill(tokenizer, long_t
     text = long_text[:2500]
     whole = SpecEngine(target, tokenizer, draft, config=config, prefill_chunk_size=None)
     chunked = SpecEngine(target, tokenizer, draft, config=config, prefill_chunk_size=128)
-    calls, draft_calls = _layer_calls(target), _layer_calls(draft)
+    calls, draft_calls = watch_layer_reads(target)[0], watch_layer_reads(draft)[0]
     expected = whole.generate(text, max_new_tokens=8)
     whole_calls, whole_draft_calls = list(calls), list(draft_calls)
     calls.clear()
