@@ -340,6 +340,9 @@ class SpecEngine:
         max_new_tokens: int = 256,
         lookahead: Sequence[int] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: ResponseFormat | None = None,
+        constraint: Constraint | None = None,
     ) -> ScoredPrompt:
         """Do the method's budget-free work on ``prompt`` once (the draft's pass, the target's
         scoring prefill); :meth:`generate_from` then answers from it at any budget.
@@ -348,6 +351,9 @@ class SpecEngine:
         ``lookahead`` (target token ids) replaces the draft's own lookahead, e.g. one written by
         another pass; it is used as given. ``tools`` are rendered with the prompt (as in
         :meth:`generate`); :meth:`generate_from` then parses the calls against them.
+        ``tool_choice``, ``response_format`` and ``constraint`` are as in :meth:`generate`: the
+        draft writes its lookahead under the answer's grammar (so the target can accept it), and
+        :meth:`generate_from` answers under the same grammar unless it is given another.
 
         Example, a budget sweep at the cost of one scoring pass::
 
@@ -355,12 +361,20 @@ class SpecEngine:
             answers = {c: engine.generate_from(scored, budget=c, max_new_tokens=64) for c in (128, 256)}
         """
         check_prompt(prompt)
-        structure = self._structure(tools, None, None, None)
+        structure = self._structure(tools, tool_choice, response_format, constraint)
         prompt = self._with_tools(prompt, structure)
         stats = GenerationStats(method=self.method)
-        request = Request(prompt, max_new_tokens, stats, None if lookahead is None else list(lookahead))
+        request = Request(
+            prompt,
+            max_new_tokens,
+            stats,
+            None if lookahead is None else list(lookahead),
+            guide=structure.guide if structure.guide() is not None else None,
+        )
         scored = self._method.score(request)
         scored.tools = structure.tools
+        given = {"tool_choice": tool_choice, "response_format": response_format, "constraint": constraint}
+        scored.answer_format = {k: v for k, v in given.items() if v is not None}
         return scored
 
     def generate_from(
@@ -387,9 +401,15 @@ class SpecEngine:
         count the scoring's cost as this answer's own. Full inference and StreamingLLM also
         answer from another method's scoring of the same prompt (they need its cache only).
         The tools are those the prompt was scored with (``score(prompt, tools=...)``);
-        ``tool_choice``, ``response_format`` and ``constraint`` are as in :meth:`generate`.
+        ``tool_choice``, ``response_format`` and ``constraint`` are as in :meth:`generate`, and
+        default to those the prompt was scored with. Given here instead, the draft's lookahead
+        (written under the scoring's grammar, or none) is accepted only as far as this one allows.
         """
         params = _params(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        if tool_choice is None and response_format is None and constraint is None:
+            tool_choice = scored.answer_format.get("tool_choice")
+            response_format = scored.answer_format.get("response_format")
+            constraint = scored.answer_format.get("constraint")
         structure = self._structure(scored.tools, tool_choice, response_format, constraint)
         guide = structure.guide()
         accept = guide.count_accepted if guide is not None else None

@@ -424,7 +424,7 @@ def _self_drafted(models: tuple[Any, Any], tok: Any) -> SpecEngine:
 
 
 def test_a_lookahead_drafted_without_the_grammar_is_not_accepted_where_the_grammar_forbids(tok, models):
-    """engine.score knows no grammar, so its draft writes freely: answered under a schema from
+    """engine.score without a grammar lets the draft write freely: answered under a schema from
     that scoring, no drafted token the schema forbids is accepted."""
     engine = _self_drafted(models, tok)
     scored = engine.score(conversation(), max_new_tokens=8)
@@ -434,6 +434,22 @@ def test_a_lookahead_drafted_without_the_grammar_is_not_accepted_where_the_gramm
     answer = engine.generate_from(scored, response_format=Verdict, max_new_tokens=40)
     assert answer.stats.lookahead_accepted == 0
     Verdict.model_validate_json(answer.text)
+
+
+def test_a_scoring_under_a_schema_drafts_under_it_and_its_answers_follow_it(tok, models):
+    """engine.score(response_format=...): the draft writes under the schema, so generate_from
+    (which keeps the scoring's schema) accepts the whole lookahead and gives generate()'s answer;
+    another grammar given to generate_from replaces it."""
+    engine = _self_drafted(models, tok)
+    scored = engine.score(conversation(), response_format=Verdict, max_new_tokens=9)
+    assert tok.decode(scored.lookahead).startswith("{")
+    answer = engine.generate_from(scored, max_new_tokens=9)
+    assert answer.stats.lookahead_accepted == 8
+    alone = engine.generate(conversation(), response_format=Verdict, max_new_tokens=9)
+    assert answer.token_ids == alone.token_ids
+    digits = Constraint.lark(tok, "start: /[0-9]{1,4}/")
+    other = engine.generate_from(scored, constraint=digits, max_new_tokens=9)
+    assert other.stats.lookahead_accepted == 0 and tok.decode(other.token_ids).isdigit()
 
 
 def test_under_a_schema_the_draft_writes_a_lookahead_the_target_accepts(tok, models):
@@ -477,9 +493,10 @@ def test_in_auto_mode_the_draft_writes_the_call_it_opens_under_the_tool_grammar(
     assert answer.token_ids[0] == tok.convert_tokens_to_ids("<tool_call>")
     assert answer.stats.lookahead_tokens == answer.stats.lookahead_accepted == 8
     assert answer.token_ids == full.token_ids
-    # drafted without the grammar, the call's text stops being accepted where it strays
+    # engine.score with the tools drafts the same way: the whole lookahead is accepted again
     scored = engine.score(conversation(), tools=TOOLS, max_new_tokens=9)
-    assert engine.generate_from(scored, max_new_tokens=9).stats.lookahead_accepted < 8
+    assert scored.lookahead == answer.token_ids[:8]
+    assert engine.generate_from(scored, max_new_tokens=9).token_ids == full.token_ids
 
 
 def test_guided_drafts_share_no_state_between_threads(tok, models):

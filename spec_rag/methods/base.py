@@ -148,12 +148,15 @@ class ScoredPrompt:
         stats: what scoring cost; every answer selected from it counts this cost as its own.
         lookahead: target token ids of the draft's lookahead (empty when none was written).
         tools: the tools the prompt was rendered with (``None``: none).
+        answer_format: the answer's structure the lookahead was drafted under, as the engine's
+            keywords (``tool_choice``, ``response_format``, ``constraint``); empty: none given.
     """
 
     method: str
     stats: GenerationStats
     lookahead: list[int] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    answer_format: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
