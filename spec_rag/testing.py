@@ -15,7 +15,9 @@ The package's own tests and its integrations' tests use these helpers, as should
 from __future__ import annotations
 
 import functools
+import os
 import pydoc_data.topics
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "TOOLS_CHATML",
     "TOWN_DOCUMENTS",
     "corpus_text",
+    "run_notebook",
     "tiny_model",
     "tiny_tokenizer",
     "tiny_tools_tokenizer",
@@ -245,3 +248,49 @@ def watch_layer_reads(model: Any) -> tuple[list[int], Any]:
     projection = model.model.layers[0].self_attn.q_proj
     handle = projection.register_forward_hook(lambda module, args, out: reads.append(args[0].shape[1]))
     return reads, handle
+
+
+def run_notebook(
+    path: str | os.PathLike[str],
+    workdir: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    timeout: int = 600,
+) -> list[str]:
+    """Run the notebook at ``path`` top to bottom and return each code cell's stdout, in order.
+
+    The kernel is this very interpreter (a ``python3`` kernel spec written under ``workdir``, so
+    a user-level spec pointing at another Python cannot take the run), started in ``workdir``
+    with ``env`` added to this process's environment; the notebook file is left as it is.
+    ``timeout``: seconds a cell may run. Needs ``nbformat``, ``nbclient`` and ``ipykernel``
+    (the ``test`` extra).
+
+        >>> env = {"SPEC_RAG_COOKBOOK_DRAFT": "smollm2-135m-instruct"}
+        >>> outputs = run_notebook("cookbooks/langchain_rag.ipynb", tmp_path, env)
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    kernels = Path(workdir) / "jupyter-kernels"
+    (kernels / "python3").mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = {"argv": argv, "display_name": "Python 3", "language": "python"}
+    (kernels / "python3" / "kernel.json").write_text(json.dumps(spec))
+    manager = KernelManager(
+        kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)])
+    )
+    notebook = nbformat.read(Path(path), as_version=4)
+    client = NotebookClient(
+        notebook, km=manager, timeout=timeout, resources={"metadata": {"path": str(workdir)}}
+    )
+    client.execute(env={**os.environ, **(env or {})})
+    return [
+        "".join(o.text for o in cell.get("outputs", []) if o.output_type == "stream" and o.name == "stdout")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]

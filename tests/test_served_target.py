@@ -18,6 +18,7 @@ import pytest
 from spec_rag import InvalidInputError, SpecPC, SpecPCConfig, get_model
 from spec_rag.models import fetch_pack
 from spec_rag.openai_endpoint import answer_through_endpoint
+from spec_rag.testing import run_notebook
 
 pytestmark = [pytest.mark.real_model, pytest.mark.allow_hosts(["127.0.0.1"])]
 
@@ -168,37 +169,18 @@ def test_bench_through_an_endpoint_refuses_methods_a_server_cannot_run(tmp_path,
     assert not (tmp_path / "samples.jsonl").exists()
 
 
-def _kernel_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A "python3" kernel spec for this very interpreter, found first on JUPYTER_PATH."""
-    import json
-
-    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec_dir / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"})
-    )
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-
-
 # Embedding, the draft's passes and four served answers: minutes on a busy 2-core CPU.
 @pytest.mark.timeout(1800)
-def test_served_target_cookbook_runs_against_the_server(server, tmp_path, monkeypatch) -> None:
-    import nbformat
-    from nbclient import NotebookClient
-
+def test_served_target_cookbook_runs_against_the_server(server, tmp_path) -> None:
     base_url, model = server
-    _kernel_spec(tmp_path, monkeypatch)
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_BASE_URL", base_url)
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_SERVED_MODEL", model)
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_DRAFT", SMOLLM2)
-    monkeypatch.setenv("OPENAI_API_KEY", "EMPTY")
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_MAX_TOKENS", "16")  # the answers are not checked here
-    notebook = nbformat.read(ROOT / "cookbooks" / "served_target.ipynb", as_version=4)
-    NotebookClient(
-        notebook, kernel_name="python3", timeout=900, resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    printed = "\n".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    env = {
+        "SPEC_RAG_COOKBOOK_BASE_URL": base_url,
+        "SPEC_RAG_COOKBOOK_SERVED_MODEL": model,
+        "SPEC_RAG_COOKBOOK_DRAFT": SMOLLM2,
+        "OPENAI_API_KEY": "EMPTY",
+        "SPEC_RAG_COOKBOOK_MAX_TOKENS": "16",  # the answers are not checked here
+    }
+    printed = "\n".join(run_notebook(ROOT / "cookbooks" / "served_target.ipynb", tmp_path, env, timeout=900))
     # Lines "<framework> <context>: server read N prompt tokens"
     read = {}
     for line in printed.splitlines():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
 import pytest
 from li_llm_support import skip_without_real_models
-from nbclient import NotebookClient
+
+from spec_rag.testing import run_notebook
 
 NOTEBOOK = Path(__file__).resolve().parents[3] / "cookbooks" / "llamaindex_query_engine.ipynb"
 
@@ -15,24 +15,15 @@ pytestmark = [pytest.mark.real_model, skip_without_real_models]
 
 
 @pytest.mark.enable_socket  # the notebook's kernel talks to this process over loopback
-def test_llamaindex_cookbook_runs_and_prints_what_compression_saved(monkeypatch):
+def test_llamaindex_cookbook_runs_and_prints_what_compression_saved(tmp_path):
     if not NOTEBOOK.exists():
         pytest.skip(f"{NOTEBOOK} is not here (package installed outside the spec-rag repository)")
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_TARGET", "smollm2-135m-instruct")
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_DRAFT", "smollm2-135m-instruct")
-    monkeypatch.setenv("SPEC_RAG_COOKBOOK_MAX_NEW_TOKENS", "48")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    # "python3" is ipykernel's own spec; jupyter_client starts it with this interpreter.
-    client = NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    )
-    client.execute()
-    printed = "".join(
-        output.get("text", "")
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-    )
+    env = {
+        "SPEC_RAG_COOKBOOK_TARGET": "smollm2-135m-instruct",
+        "SPEC_RAG_COOKBOOK_DRAFT": "smollm2-135m-instruct",
+        "SPEC_RAG_COOKBOOK_MAX_NEW_TOKENS": "48",
+    }
+    printed = "".join(run_notebook(NOTEBOOK, tmp_path, env))
     assert "target: smollm2-135m-instruct" in printed
     assert "LLM [full]" in printed and "LLM [speckv]" in printed
     assert " -> " in printed  # SpecPC's per-node token figures
