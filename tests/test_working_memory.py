@@ -110,6 +110,12 @@ def test_working_memory_benchmark_reports_a_prompt_cut_below_full(tmp_path, monk
         assert row["working"] > 0 and row["peak_rss"] == row["base_rss"] + row["working"]
         assert row["base_rss"] > row["target_weights"] + row["draft_weights"]
     assert specpc["target_prefill_tokens"] <= 256 < full["target_prefill_tokens"]
+    # The engine's split of each row's seconds: full runs no draft; no part exceeds the whole.
+    assert full["draft_s"] == 0 < specpc["draft_s"]
+    for row in (full, specpc):
+        split = row["draft_s"] + row["target_prefill_s"] + row["decode_s"]
+        assert row["target_prefill_s"] > 0 and split <= row["seconds"] + 1e-3
+        assert row["output_tokens"] >= 1 and row["cpu_s"] > 0
     # Full's prefill holds [1024, 8192] float32 feed-forward activations (32 MiB each); SpecPC's
     # target sees 256 tokens and its draft is narrow.
     assert full["working"] > 48 * 2**20
