@@ -72,8 +72,13 @@ class _Structure:
     banned: tuple[int, ...] = ()
     trigger: tuple[int, Constraint] | None = None  # "auto": a call, once opened, follows the grammar
 
+    @property
+    def guided(self) -> bool:
+        """Whether the answer has a grammar, a banned token or a trigger to follow."""
+        return self.constraint is not None or bool(self.banned) or self.trigger is not None
+
     def guide(self) -> Guide | None:
-        if self.constraint is None and not self.banned and self.trigger is None:
+        if not self.guided:
             return None
         state = self.constraint.new_state() if self.constraint is not None else None
         return Guide(state, self.banned, self.trigger)
@@ -369,7 +374,7 @@ class SpecEngine:
             max_new_tokens,
             stats,
             None if lookahead is None else list(lookahead),
-            guide=structure.guide if structure.guide() is not None else None,
+            guide=structure.guide if structure.guided else None,
         )
         scored = self._method.score(request)
         scored.tools = structure.tools
