@@ -452,6 +452,19 @@ def test_a_scoring_under_a_schema_drafts_under_it_and_its_answers_follow_it(tok,
     assert other.stats.lookahead_accepted == 0 and tok.decode(other.token_ids).isdigit()
 
 
+def test_specpc_drafts_its_lookahead_under_the_answers_grammar(tok, models):
+    """SpecPC alone: the draft's lookahead (whose attention scores the prompt) is written under
+    the answer's schema, as the target will answer; without a schema it is written freely."""
+    target = models[0]
+    config = SpecPCConfig(max_capacity_prompt=720, window_size=16, lookahead_tokens=4)
+    engine = SpecEngine(target, tok, target, config=config)
+    full = SpecEngine(target, tok).generate(conversation(), response_format=Verdict, max_new_tokens=4)
+    scored = engine.score(conversation(), response_format=Verdict, max_new_tokens=4)
+    assert scored.lookahead == full.token_ids and tok.decode(scored.lookahead).startswith("{")
+    free = engine.score(conversation(), max_new_tokens=4)
+    assert len(free.lookahead) == 4 and free.lookahead[0] != tok.encode("{")[0]
+
+
 def test_under_a_schema_the_draft_writes_a_lookahead_the_target_accepts(tok, models):
     """generate() under a schema: the draft writes its lookahead under the schema, so all of it
     is accepted and the answer is full inference's under the schema, token for token."""

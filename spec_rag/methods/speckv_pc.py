@@ -19,7 +19,6 @@ from spec_rag.methods.base import (
     Request,
     ScoredCache,
     ScoredPrompt,
-    lookahead_guide,
 )
 from spec_rag.methods.speckv import SpecKV
 from spec_rag.methods.specpc import SpecPCMethod
@@ -52,8 +51,7 @@ class SpecKVPC(Method):
         pass writes it."""
         pc_budget = self.specpc.config.max_capacity_prompt
         n = self.speckv.lookahead_length(request)
-        guide = lookahead_guide(self.models, request)
-        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n, guide=guide)
+        tokens = self.specpc.score(request, pc_budget, lookahead_tokens=n, target_extra=n)
         ids, kept_prompt, protected = self.specpc.cut_prompt(tokens, pc_budget, request.stats)
         lookahead = tokens.lookahead if tokens.scores is not None else None  # None: SpecKV writes it
         request.stats.lookahead_tokens = len(tokens.lookahead)

@@ -14,7 +14,7 @@ from spec_rag.config import SpecPCConfig
 from spec_rag.constrained import Guide
 from spec_rag.errors import ContextLengthError, InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
-from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt
+from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt, lookahead_guide
 from spec_rag.methods.full import Full
 from spec_rag.specpc import SpecPC, check_capacity, tool_structure_tokens
 
@@ -69,9 +69,12 @@ class SpecPCMethod(Method):
         scores with, and keeps, SpecKV's whole lookahead). ``target_extra``: tokens the target
         prefills after the kept prompt (SpecKV-PC's lookahead), for the check that it fits.
         ``guide`` (fresh, for the draft's vocabulary) writes the lookahead under the answer's
-        grammar (SpecKV-PC's, which the target verifies; SpecPC alone drafts unconstrained)."""
+        grammar; without one, the request's own grammar guides it (see :func:`lookahead_guide`),
+        so the lookahead's attention reads the prompt as the constrained answer will."""
         models, stats = self.models, request.stats
         t0 = time.perf_counter()
+        if guide is None:
+            guide = lookahead_guide(models, request)
         tokenizer = models.tokenizer if models.shared_vocabulary else models.draft_tokenizer
         enc = encode_prompt(tokenizer, request.prompt, offsets=True, max_tokens=models.max_input_tokens)
         length = enc["input_ids"].numel()
