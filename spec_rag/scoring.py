@@ -303,10 +303,15 @@ class HeadScoreRecorder(WindowRecorder):
 
 class LayerHook(WindowRecorder):
     """Scores nothing: calls ``on_layer(layer, None)`` once per layer of a forward pass, when the
-    layer's cache already holds the pass's keys and values (StreamingLLM cuts it there)."""
+    layer's cache already holds the pass's keys and values (StreamingLLM cuts it there).
 
-    def __init__(self, on_layer: Callable[[int, torch.Tensor | None], None] | None = None) -> None:
-        super().__init__(0, 0)
+    ``length``: the pass's end (absolute position). No query is scored, so a chunked prefill
+    may split the pass anywhere before it (a hook starting at 0 would keep the pass whole)."""
+
+    def __init__(
+        self, on_layer: Callable[[int, torch.Tensor | None], None] | None = None, length: int = 0
+    ) -> None:
+        super().__init__(length, 0)
         self.on_layer = on_layer
 
     @property

@@ -285,7 +285,7 @@ def test_draft_scores_from_a_chunked_prefill_equal_one_pass(tokenizer, long_text
     assert torch.allclose(scores_chunked, scores_whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["full", "snapkv", "specpc", "speckv", "speckv-pc"])
+@pytest.mark.parametrize("method", ["full", "snapkv", "streamingllm", "specpc", "speckv", "speckv-pc"])
 def test_engine_answers_alike_with_and_without_chunked_prefill(tokenizer, long_text, method):
     target = tiny_model("qwen2", tokenizer, seed=1, layers=2)
     draft = tiny_model("qwen2", tokenizer, seed=2, layers=2)
@@ -305,13 +305,13 @@ def test_engine_answers_alike_with_and_without_chunked_prefill(tokenizer, long_t
     assert answer.token_ids == expected.token_ids
     assert answer.stats.kv_cache_tokens == expected.stats.kv_cache_tokens
     prompt, prefill = answer.stats.prompt_tokens, answer.stats.target_prefill_tokens
-    if method in ("full", "snapkv", "speckv"):  # the whole prompt: in chunks, chunk by chunk
+    if method in ("full", "snapkv", "streamingllm", "speckv"):  # the whole prompt: in chunks, chunk by chunk
         # (full), or layer by layer where each layer's cache is cut inside the pass; the last
         # chunk also holds the window and lookahead queries
         assert max(calls) <= 128 + 64 < prefill <= max(whole_calls)
     else:  # the cut prompt (and SpecKV-PC's lookahead after it) fits about one chunk
         assert max(calls) <= 128 and prefill <= 160
-    if method != "full" and method != "snapkv":  # the draft reads the whole prompt, in chunks
+    if method not in ("full", "snapkv", "streamingllm"):  # the draft reads the whole prompt, in chunks
         assert max(draft_calls) <= 128 < prompt <= max(whole_draft_calls)
 
 
