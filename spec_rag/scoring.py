@@ -18,6 +18,7 @@ to rounding, no repeated KV heads, no mask).
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -305,13 +306,11 @@ class LayerHook(WindowRecorder):
     """Scores nothing: calls ``on_layer(layer, None)`` once per layer of a forward pass, when the
     layer's cache already holds the pass's keys and values (StreamingLLM cuts it there).
 
-    ``length``: the pass's end (absolute position). No query is scored, so a chunked prefill
-    may split the pass anywhere before it (a hook starting at 0 would keep the pass whole)."""
+    It scores no query, so its window starts past any pass: a chunked prefill may split the pass
+    anywhere (:func:`~spec_rag.generation.prefill_chunks` keeps scored queries in the last chunk)."""
 
-    def __init__(
-        self, on_layer: Callable[[int, torch.Tensor | None], None] | None = None, length: int = 0
-    ) -> None:
-        super().__init__(length, 0)
+    def __init__(self, on_layer: Callable[[int, torch.Tensor | None], None] | None = None) -> None:
+        super().__init__(sys.maxsize, 0)
         self.on_layer = on_layer
 
     @property

@@ -11,7 +11,6 @@ import torch
 
 from spec_rag._prompt import Prompt, TrustedPrompt, context_window, encode_prompt, is_messages
 from spec_rag.config import SpecPCConfig
-from spec_rag.constrained import Guide
 from spec_rag.errors import ContextLengthError, InvalidInputError
 from spec_rag.generation import GenerationStats, Prefilled
 from spec_rag.methods.base import AcceptLimit, Method, Models, Request, ScoredPrompt, lookahead_guide
@@ -63,18 +62,15 @@ class SpecPCMethod(Method):
         lookahead_tokens: int | None = None,
         *,
         target_extra: int = 0,
-        guide: Guide | None = None,
     ) -> ScoredTokens:
         """The draft's pass. ``lookahead_tokens`` overrides the config's ``n`` (SpecKV-PC
         scores with, and keeps, SpecKV's whole lookahead). ``target_extra``: tokens the target
         prefills after the kept prompt (SpecKV-PC's lookahead), for the check that it fits.
-        ``guide`` (fresh, for the draft's vocabulary) writes the lookahead under the answer's
-        grammar; without one, the request's own grammar guides it (see :func:`lookahead_guide`),
-        so the lookahead's attention reads the prompt as the constrained answer will."""
+        The lookahead is written under the request's grammar, if it has one (see
+        :func:`lookahead_guide`), so its attention reads the prompt as the constrained answer will."""
         models, stats = self.models, request.stats
         t0 = time.perf_counter()
-        if guide is None:
-            guide = lookahead_guide(models, request)
+        guide = lookahead_guide(models, request)
         tokenizer = models.tokenizer if models.shared_vocabulary else models.draft_tokenizer
         enc = encode_prompt(tokenizer, request.prompt, offsets=True, max_tokens=models.max_input_tokens)
         length = enc["input_ids"].numel()

@@ -27,7 +27,7 @@ class StreamingLLM(CacheMethod):
         enable_scoring(models.target)  # the hook that cuts each layer during the prefill
 
     def recorder(self, length: int) -> LayerHook:
-        return LayerHook(length=length)
+        return LayerHook()
 
     def cuts_in_forward(self) -> bool:
         return True
