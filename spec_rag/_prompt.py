@@ -535,14 +535,25 @@ def context_window(model: Any) -> int | None:
     return None
 
 
-def check_fits(model: Any, length: int, *, role: str) -> None:
+def check_fits(model: Any, length: int, *, role: str, lookahead: int = 0) -> None:
+    """Refuse a pass of ``length`` prompt tokens and ``lookahead`` tokens after them (the draft's
+    lookahead, read or written) that ``model``'s context window cannot hold."""
     limit = context_window(model)
-    if limit is not None and length > limit:
+    if limit is None or length + lookahead <= limit:
+        return
+    if lookahead and length < limit:
         raise ContextLengthError(
-            f"the prompt has {length} tokens but the {role} model's context window is {limit}. "
-            "Retrieve fewer or shorter documents, compress them first (SpecPC with a draft whose "
-            "context is long enough), or use a model with a longer context."
+            f"the prompt has {length} tokens and the draft's lookahead {lookahead} more, "
+            f"{length + lookahead} in all, but the {role} model's context window is {limit}. Lower "
+            f"max_new_tokens (or the method's lookahead_tokens) to {limit - length} or less, or retrieve "
+            "fewer or shorter documents"
+            + (" (SpecPC scores a prompt past the draft's window in chunks)." if role == "draft" else ".")
         )
+    raise ContextLengthError(
+        f"the prompt has {length} tokens but the {role} model's context window is {limit}. "
+        "Retrieve fewer or shorter documents, compress them first (SpecPC with a draft whose "
+        "context is long enough), or use a model with a longer context."
+    )
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:

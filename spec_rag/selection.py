@@ -98,6 +98,13 @@ def check_kv_capacity(
     )
 
 
+def _top_positions(pooled: torch.Tensor, k: int) -> torch.Tensor:
+    """``[kv_heads, k]`` positions of each row's ``k`` highest scores. Max-pooling leaves runs of
+    equal scores, and ``topk`` breaks such ties differently on each device; a stable sort gives
+    the earlier position, so the CPU and a GPU keep the same entries."""
+    return torch.argsort(pooled, dim=-1, descending=True, stable=True)[:, :k]
+
+
 def select_kv_positions(
     head_scores: torch.Tensor,
     prompt_length: int,
@@ -134,7 +141,7 @@ def select_kv_positions(
     if budget <= 0:
         return recent[:, -capacity:] if capacity > 0 else recent[:, :0]
     pooled = pool_scores(head_scores[:, : prompt_length - window_size], kernel_size, pool_type)  # [kv, L-w]
-    top = pooled.topk(min(budget, pooled.shape[-1]), dim=-1).indices  # [kv_heads, C-w]
+    top = _top_positions(pooled, min(budget, pooled.shape[-1]))  # [kv_heads, C-w]
     return torch.cat([top.sort(dim=-1).values, recent], dim=-1)  # [kv_heads, C]
 
 
@@ -159,7 +166,7 @@ def _select_kv_protected(
     taken = torch.zeros(prefix, dtype=torch.bool, device=head_scores.device)
     taken[forced[forced < prefix]] = True
     pooled = pooled.masked_fill(taken, float("-inf"))  # only the positions not forced compete
-    top = pooled.topk(min(capacity - forced.numel(), prefix - int(taken.sum())), dim=-1).indices  # [kv, C-F]
+    top = _top_positions(pooled, min(capacity - forced.numel(), prefix - int(taken.sum())))  # [kv, C-F]
     return torch.cat([top, forced.expand(kv_heads, -1)], dim=-1).sort(dim=-1).values  # [kv_heads, C]
 
 

@@ -305,7 +305,7 @@ class SpecPC:
         if slices:
             return self.score_chunks(input_ids, slices, n), []
         length = input_ids.numel()
-        check_fits(self.model, length + total, role="draft")
+        check_fits(self.model, length, role="draft", lookahead=total)
         recorder = self._recorder(length, n)
         lookahead = draft_pass(
             self.model,

@@ -112,3 +112,42 @@ def test_verified_lookahead_prints_each_samples_accepted_share(draft_dir, monkey
     accepted, n = map(int, re.search(r"accepted (\d+)/(\d+)", line).groups())  # type: ignore[union-attr]
     assert accepted == n > 0 and "(100%)" in line
     assert re.search(rf"accepted {n} of {n} lookahead tokens \(100%\)", out)
+
+
+def test_cuda_speed_times_every_method_and_past_the_window_only_the_prompt_methods(
+    tmp_path, monkeypatch, capsys
+):
+    """benchmarks/cuda_speed.py (run here with --device cpu) builds both models from their
+    config with random weights, and its rows say what each request did."""
+    tokenizer = _tokenizer(512)
+    dirs = []
+    for name, layers in (("target", 3), ("draft", 2)):
+        folder = tmp_path / name
+        tiny_model(
+            "qwen2", tokenizer, seed=1, layers=layers, max_position_embeddings=1024
+        ).config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        dirs.append(str(folder))
+    rows = tmp_path / "rows.jsonl"
+    args = ["--device", "cpu", "--random-weights", *dirs, "--lengths", "700", "1400", "--repeats", "1"]
+    args += ["--kv-budget", "64", "--prompt-budget", "128", "--max-new-tokens", "4", "--out", str(rows)]
+    out = _run("cuda_speed", args, monkeypatch, capsys)
+
+    written = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [(r["length"], r["method"]) for r in written] == [
+        *((700, m) for m in ("full", "speckv", "snapkv", "specpc", "speckv-pc")),
+        (1400, "specpc"),
+        (1400, "speckv-pc"),
+    ]
+    for row in written:
+        stats = row["stats"]
+        assert stats["output_tokens"] == 4 and len(row["seconds"]) == 1
+        expected = {"full": stats["prompt_tokens"], "specpc": 128}.get(row["method"], 64)
+        assert stats["kv_cache_tokens"] == expected, row["method"]
+        line = next(
+            line
+            for line in out.splitlines()
+            if line.split()[:2] == [str(stats["prompt_tokens"]), row["method"]]
+        )
+        assert f"{row['seconds'][0]:.3f}" in line
+    assert written[0]["stats"]["prompt_tokens"] > 600 and written[-1]["stats"]["prompt_tokens"] > 1024

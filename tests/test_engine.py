@@ -280,6 +280,20 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tokenizer, long_text):
         SpecEngine(short, tokenizer).generate(long_text, max_new_tokens=2)
 
 
+def test_a_lookahead_past_the_drafts_window_names_the_answer_length_that_fits(target, tokenizer, long_text):
+    short = tiny_model("qwen2", tokenizer, seed=2, layers=2, max_position_embeddings=256)
+    engine = SpecEngine(target, tokenizer, short, config=KV)
+    ids = tokenizer(long_text)["input_ids"][:250]
+    prompt = tokenizer.decode(ids)
+    length = engine.score(prompt, max_new_tokens=1).stats.prompt_tokens
+    room = 256 - length
+    assert room > 0
+    message = rf"lookahead {room + 4} more.*max_new_tokens.* to {room} or less"
+    with pytest.raises(ContextLengthError, match=message):
+        engine.generate(prompt, max_new_tokens=room + 4)
+    assert len(engine.generate(prompt, max_new_tokens=room).token_ids) > 0
+
+
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tokenizer, other_tokenizer):
     small = tiny_model("llama", tokenizer)
     with pytest.raises(InvalidInputError, match="do not belong together"):

@@ -93,6 +93,21 @@ def test_speckv_heads_choose_their_own_positions():
     assert kept.tolist() == [[3, 18, 19], [11, 18, 19]]
 
 
+def test_speckv_breaks_equal_scores_by_position_so_every_device_keeps_the_same_entries():
+    # max-pooling turns one peak into a run of equal scores; topk's order among equal values
+    # is unspecified and differs between the CPU and CUDA kernels
+    scores = torch.zeros(2, 1000)
+    scores[:, 500] = 1.0
+    kept = select_kv_positions(scores, 1000, 14, window_size=2, kernel_size=7, pool_type="max")
+    assert kept.tolist() == [[*range(5), *range(497, 504), 998, 999]] * 2  # the run, then the earliest
+    protected = torch.zeros(1000, dtype=torch.bool)
+    protected[10] = True
+    kept = select_kv_positions(
+        scores, 1000, 14, window_size=2, kernel_size=7, pool_type="max", protected=protected
+    )
+    assert kept.tolist() == [[*range(4), 10, *range(497, 504), 998, 999]] * 2
+
+
 def test_streaming_keeps_sinks_and_recent_tokens():
     assert streaming_positions(20, 6, 4).tolist() == [0, 1, 2, 3, 18, 19]
 

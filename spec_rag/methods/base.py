@@ -293,7 +293,7 @@ class CacheMethod(Method):
         its tool structure, never evicted (``None``: none)."""
         stats = request.stats
         length = ids.numel()
-        check_fits(self.models.target, length + len(request.lookahead or []), role="target")
+        check_fits(self.models.target, length, role="target", lookahead=len(request.lookahead or []))
         if budget is not None and budget < length:
             self.check_kept(length, budget, protected)  # before any forward
         stats.target_prefill_tokens = length

@@ -55,7 +55,7 @@ class SpecKV(SnapKV):
                 "input_ids"
             ]
         )
-        check_fits(models.draft, draft_ids.numel() + n, role="draft")
+        check_fits(models.draft, draft_ids.numel(), role="draft", lookahead=n)
         answer = draft_pass(
             models.draft,
             draft_ids,
