@@ -9,6 +9,11 @@ merged by the plain maximum and by the maximum of per-chunk normalised scores. A
 ``--budgets`` value it prints which expected answers survive each cut and how many kept
 positions the chunked cut shares with the whole one; with ``--target`` the target also answers
 from each cut (at the first budget) and the answer is scored as the accuracy harness does.
+
+``--answer-lookahead`` compares SpecKV-PC's scoring instead: the whole prompt scored with the
+sample's answer budget as lookahead (SpecKV-PC's whole pass), against chunks scored with that
+lookahead (``chunk-answer``) and with SpecPC's one-token lookahead (``chunk-1``, what the
+library's chunks use).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--target", default=None, help="also answer from each cut with this target")
+    parser.add_argument("--answer-lookahead", action="store_true", help="compare SpecKV-PC's chunk lookahead")
     args = parser.parse_args()
 
     draft, tokenizer = get_model(args.draft, dtype=args.dtype)
@@ -44,13 +50,17 @@ def main() -> None:
             sample = generate_sample(task, args.length, args.seed, index, tokenizer)
             encoded = encode_tokens(tokenizer, render_prompt(sample, tokenizer))
             ids = encoded.ids
+            n = sample.max_new_tokens if args.answer_lookahead else SpecPCConfig().lookahead_tokens
             start = time.perf_counter()
-            variants = {"whole": whole.smooth(whole.score_tokens(ids)[0])}
+            variants = {"whole": whole.smooth(whole.score_tokens(ids, lookahead_tokens=n)[0])}
             times = {"whole": time.perf_counter() - start}
-            slices = chunked.chunk_slices(ids.numel())
-            for name, normalise in (("chunk-max", False), ("chunk-norm", True)):
+            slices = chunked.chunk_slices(ids.numel(), n)
+            chunk_variants = (("chunk-max", False, n), ("chunk-norm", True, n))
+            if args.answer_lookahead:
+                chunk_variants = (("chunk-answer", False, n), ("chunk-1", False, 1))
+            for name, normalise, lookahead in chunk_variants:
                 start = time.perf_counter()
-                raw = chunked.score_chunks(ids, slices, SpecPCConfig().lookahead_tokens, normalise=normalise)
+                raw = chunked.score_chunks(ids, slices, lookahead, normalise=normalise)
                 variants[name] = chunked.smooth(raw)
                 times[name] = time.perf_counter() - start
             print(

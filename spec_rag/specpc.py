@@ -297,13 +297,17 @@ class SpecPC:
 
         A prompt longer than :meth:`chunk_limit` is scored in chunks (:meth:`chunk_slices`);
         no pass then reads the whole prompt, so no lookahead is returned (and ``guide`` is unused).
+        Each chunk's pass scores with the config's own ``lookahead_tokens``, not a longer
+        ``lookahead_tokens`` argument: a chunk's lookahead is never the answer (it is written
+        without the rest of the prompt), and one decode step per lookahead token and chunk is
+        what made SpecKV-PC's chunked scoring cost (see docs/results.md, "On a GPU").
         """
         cfg = self.config
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
         total = n if generate_tokens is None else max(generate_tokens, n)
         slices = self.chunk_slices(input_ids.numel(), total)
         if slices:
-            return self.score_chunks(input_ids, slices, n), []
+            return self.score_chunks(input_ids, slices, min(n, cfg.lookahead_tokens)), []
         length = input_ids.numel()
         check_fits(self.model, length, role="draft", lookahead=total)
         recorder = self._recorder(length, n)

@@ -180,8 +180,22 @@ def test_speckv_pc_works_past_the_drafts_window(
         speckv=SpecKVConfig(max_capacity_prompt=64, window_size=8, lookahead_tokens=4),
     )
     engine = SpecEngine(target, tokenizer, draft, draft_tokenizer, config=config)
+    passes: list[int] = []
+    hook = draft.register_forward_pre_hook(
+        lambda m, args, kwargs: passes.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     with PrefillLog(draft) as log:
         out = engine.generate(long_text_module, max_new_tokens=4)
+    hook.remove()
+    # each chunk's pass writes SpecPC's one-token lookahead, not SpecKV's four: a chunk's
+    # lookahead is never the answer, and every token of it is a draft decode step
+    steps_after = [
+        len(list(itertools.takewhile(lambda n: n == 1, passes[i + 1 :])))
+        for i, n in enumerate(passes)
+        if n > 1
+    ]
+    assert steps_after[:-1] == [CONFIG.lookahead_tokens] * (len(steps_after) - 1)
+    assert steps_after[-1] == 3  # SpecKV's lookahead from the kept prompt (its last token needs no pass)
     assert out.stats.prompt_tokens > 256
     if vocabulary == "shared":
         assert out.stats.target_prefill_tokens == 150

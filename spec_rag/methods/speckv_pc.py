@@ -43,8 +43,9 @@ class SpecKVPC(Method):
         The cache stage never evicts the tool structure of the prompt it prefills (the kept one).
 
         A prompt scored in chunks (past the draft's window) has no draft pass over all of it:
-        the draft then writes the lookahead from the kept prompt, which is what the target
-        reads.
+        its chunks score with SpecPC's own lookahead (``specpc.lookahead_tokens``), and the
+        draft then writes SpecKV's lookahead once, from the kept prompt, which is what the
+        target reads.
 
         Under constrained decoding the draft writes the lookahead under the answer's grammar
         (a draft with the target's vocabulary only; see :func:`lookahead_guide`), in whichever
