@@ -88,14 +88,10 @@ def main() -> None:
         flush=True,
     )
     engines = {}
-    for method in args.methods:
-        fields: dict[str, int] = {}
-        if method in ("speckv", "snapkv", "streamingllm"):
-            fields = {"max_capacity_prompt": args.kv_budget}
-        elif method == "specpc":
-            fields = {"max_capacity_prompt": args.prompt_budget}
-        elif method == "speckv-pc":
-            fields = {"max_capacity_prompt": args.kv_budget, "prompt_capacity": args.prompt_budget}
+    for method in args.methods:  # full ignores the budgets
+        fields = {"max_capacity_prompt": args.prompt_budget if method == "specpc" else args.kv_budget}
+        if method == "speckv-pc":
+            fields["prompt_capacity"] = args.prompt_budget
         engines[method] = base.with_config(config_for_method(method, **fields))
 
     rows = []
