@@ -55,16 +55,22 @@ def main() -> None:
             variants = {"whole": whole.smooth(whole.score_tokens(ids, lookahead_tokens=n)[0])}
             times = {"whole": time.perf_counter() - start}
             slices = chunked.chunk_slices(ids.numel(), n)
-            chunk_variants = (("chunk-max", False, n), ("chunk-norm", True, n))
-            if args.answer_lookahead:
-                chunk_variants = (("chunk-answer", False, n), ("chunk-1", False, 1))
-            for name, normalise, lookahead in chunk_variants:
+            chunk_variants = (("chunk-max", False, n, slices), ("chunk-norm", True, n, slices))
+            if args.answer_lookahead:  # chunk-1: what SpecKV-PC does (slices sized for one token)
+                chunk_variants = (
+                    ("chunk-answer", False, n, slices),
+                    ("chunk-1", False, 1, chunked.scoring_slices(ids.numel(), n)),
+                )
+            counts = {name: len(variant_slices) for name, _, _, variant_slices in chunk_variants}
+            for name, normalise, lookahead, variant_slices in chunk_variants:
                 start = time.perf_counter()
-                raw = chunked.score_chunks(ids, slices, lookahead, normalise=normalise)
+                raw = chunked.score_chunks(ids, variant_slices, lookahead, normalise=normalise)
                 variants[name] = chunked.smooth(raw)
                 times[name] = time.perf_counter() - start
             print(
-                f"{sample.id}  {ids.numel()} tokens  {len(slices)} chunks  draft s: "
+                f"{sample.id}  {ids.numel()} tokens  chunks: "
+                + "  ".join(f"{k} {v}" for k, v in counts.items())
+                + "  draft s: "
                 + "  ".join(f"{k} {v:.1f}" for k, v in times.items()),
                 flush=True,
             )

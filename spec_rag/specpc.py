@@ -264,6 +264,27 @@ class SpecPC:
         limit = self.chunk_limit()
         if limit is None or length + n <= limit:
             return []
+        return self._slices(length, n, limit)
+
+    def scoring_slices(
+        self, length: int, lookahead_tokens: int | None = None, generate_tokens: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The chunk slices :meth:`score_tokens` reads with these arguments (empty: one pass).
+
+        Whether to chunk is decided with the whole pass's lookahead (``generate_tokens``, at
+        least ``lookahead_tokens``), but a chunk's pass writes at most the config's own
+        lookahead, so its slices are sized for that: fewer, longer chunks."""
+        cfg = self.config
+        n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
+        total = n if generate_tokens is None else max(generate_tokens, n)
+        limit = self.chunk_limit()
+        if limit is None or not self.chunk_slices(length, total):
+            return []
+        return self._slices(length, min(n, cfg.lookahead_tokens), limit)
+
+    def _slices(self, length: int, n: int, limit: int) -> list[tuple[int, int]]:
+        """Chunk slices of a ``length``-token prompt, each chunk ``limit - n`` tokens at most."""
+        cfg = self.config
         window = min(cfg.window_size, length) or 1
         sinks = min(CHUNK_SINK_TOKENS, length - window)
         span = limit - n - window - sinks  # prompt tokens a chunk adds
@@ -275,6 +296,8 @@ class SpecPC:
             )
         overlap = min(cfg.chunk_overlap, span // 2)
         end = length - window
+        if end - sinks <= span:  # one chunk holds it all (it fits a shorter lookahead only)
+            return [(sinks, end)]
         starts = [*range(sinks, end - span, span - overlap), end - span]
         return [(start, start + span) for start in starts]
 
@@ -305,7 +328,7 @@ class SpecPC:
         cfg = self.config
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
         total = n if generate_tokens is None else max(generate_tokens, n)
-        slices = self.chunk_slices(input_ids.numel(), total)
+        slices = self.scoring_slices(input_ids.numel(), n, total)
         if slices:
             return self.score_chunks(input_ids, slices, min(n, cfg.lookahead_tokens)), []
         length = input_ids.numel()
@@ -422,7 +445,7 @@ class SpecPC:
         )
         check_input_tokens(input_ids.numel(), self.max_input_tokens)
         raw, lookahead = self.score_tokens(input_ids, lookahead_tokens=lookahead_tokens)
-        chunks = len(self.chunk_slices(input_ids.numel(), lookahead_tokens)) or 1
+        chunks = len(self.scoring_slices(input_ids.numel(), lookahead_tokens)) or 1
         return self.cut(
             text,
             input_ids,

@@ -151,3 +151,19 @@ def test_cuda_speed_times_every_method_and_past_the_window_only_the_prompt_metho
         )
         assert f"{row['seconds'][0]:.3f}" in line
     assert written[0]["stats"]["prompt_tokens"] > 600 and written[-1]["stats"]["prompt_tokens"] > 1024
+
+
+def test_chunked_scoring_compares_speckv_pcs_chunks_with_the_ones_the_library_reads(
+    draft_dir, monkeypatch, capsys
+):
+    args = ["--task", "niah_single_1", "--length", str(LENGTH), "--indices", "0", "--chunk-size", "384"]
+    args += ["--draft", str(draft_dir), "--dtype", "float32", "--answer-lookahead", "--budgets", "200"]
+    out = _run("chunked_scoring", args, monkeypatch, capsys)
+    draft, tokenizer = get_model(draft_dir, dtype="float32")
+    sample = generate_sample("niah_single_1", LENGTH, 0, 0, tokenizer)
+    ids = encode_tokens(tokenizer, render_prompt(sample, tokenizer)).ids
+    pc = SpecPC(draft, tokenizer, SpecPCConfig(chunk_size=384))
+    n = sample.max_new_tokens
+    answer, one = len(pc.chunk_slices(ids.numel(), n)), len(pc.scoring_slices(ids.numel(), n))
+    assert answer > one >= 1  # the library's one-token chunks are longer, so fewer
+    assert f"chunks: chunk-answer {answer}  chunk-1 {one}  draft s:" in out

@@ -196,6 +196,9 @@ def test_speckv_pc_works_past_the_drafts_window(
     ]
     assert steps_after[:-1] == [CONFIG.lookahead_tokens] * (len(steps_after) - 1)
     assert steps_after[-1] == 3  # SpecKV's lookahead from the kept prompt (its last token needs no pass)
+    # and so each chunk is sized for that one token: it fills the draft's window with prompt
+    prefills = [n for n in passes if n > 1]
+    assert prefills[:-1] == [256 - CONFIG.lookahead_tokens] * (len(prefills) - 1)
     assert out.stats.prompt_tokens > 256
     if vocabulary == "shared":
         assert out.stats.target_prefill_tokens == 150
@@ -239,6 +242,20 @@ def test_a_sweep_scoring_names_a_fitting_budget_too(draft, tokenizer, long_text_
     with pytest.raises(ContextLengthError, match="100 or less"):
         engine.generate_from(scored, budget=110, max_new_tokens=2)
     assert engine.generate_from(scored, budget=90, max_new_tokens=2).stats.target_prefill_tokens == 90
+
+
+def test_a_prompt_that_fits_only_a_shorter_lookahead_is_one_chunk(short_draft, tokenizer, ids):
+    """Past the window with SpecKV's lookahead but not with a chunk's own one token: one chunk
+    holding the whole prompt, scored as one pass with that token (and no lookahead returned)."""
+    pc = SpecPC(short_draft, tokenizer, CONFIG)
+    prompt = ids[:254]  # 254 + 4 > 256 >= 254 + 1
+    assert pc.chunk_slices(254, 4) and not pc.chunk_slices(254, 1)
+    sinks = min(CHUNK_SINK_TOKENS, 254 - WINDOW)
+    assert pc.scoring_slices(254, 4) == [(sinks, 254 - WINDOW)]
+    raw, lookahead = pc.score_tokens(prompt, lookahead_tokens=4)
+    assert lookahead == []
+    whole, _ = pc.score_tokens(prompt, lookahead_tokens=1)
+    torch.testing.assert_close(raw, whole.float())
 
 
 def test_an_error_names_what_to_change_when_chunks_leave_no_room(short_draft, tokenizer, ids):

@@ -85,7 +85,7 @@ class SpecPCMethod(Method):
             raw, draft_lookahead = self.compressor.score_tokens(
                 enc["input_ids"], lookahead_tokens=lookahead_tokens, guide=guide
             )
-            chunks = len(self.compressor.chunk_slices(length, lookahead_tokens)) or 1
+            chunks = len(self.compressor.scoring_slices(length, lookahead_tokens)) or 1
             scores = self.compressor.smooth(raw)
             lookahead = models.to_target_ids(draft_lookahead)
         stats.draft_s += time.perf_counter() - t0
