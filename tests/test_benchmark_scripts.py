@@ -167,3 +167,36 @@ def test_chunked_scoring_compares_speckv_pcs_chunks_with_the_ones_the_library_re
     answer, one = len(pc.chunk_slices(ids.numel(), n)), len(pc.scoring_slices(ids.numel(), n))
     assert answer > one >= 1  # the library's one-token chunks are longer, so fewer
     assert f"chunks: chunk-answer {answer}  chunk-1 {one}  draft s:" in out
+
+
+def test_peer_longllmlingua_gives_it_every_context_and_compares_only_the_same_prompt(monkeypatch, tmp_path):
+    """The parts of the LongLLMLingua comparison that do not need llmlingua: what it is given
+    to compress, and which harness rows it is judged against."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    peer = importlib.import_module("peer_longllmlingua")
+    tokenizer = _tokenizer(512)
+    needle = generate_sample("niah_single_1", LENGTH, 0, 0, tokenizer)
+    contexts = peer.contexts_of(needle, 3)
+    (document,) = needle.documents
+    assert len(contexts) == -(-len(document.units) // 3)
+    assert document.joiner.join(contexts) == document.text  # every unit, in order, once
+    assert any(answer in "".join(contexts) for answer in needle.answers)
+    rag = generate_sample("rag_qa", LENGTH, 0, 0, tokenizer)
+    assert len(peer.contexts_of(rag, 3)) == len(rag.documents) > 1  # its documents, not sentences
+
+    rows = [
+        {"method": "full", "budget": None, "score": 1.0},
+        {"method": "specpc", "budget": 2048, "score": 0.5},
+        {"method": "specpc", "budget": 1024, "score": 0.0},  # another budget
+        {"method": "speckv-pc", "budget": 1024, "score": 0.25},  # half the prompt budget in cache
+        {"method": "speckv", "budget": 1024, "score": 0.0},  # not a prompt compressor
+    ]
+    lines = [{"sample_id": "s/1", "prompt_sha256": "abc", **row} for row in rows]
+    lines.append(
+        {"sample_id": "s/1", "prompt_sha256": "other", "method": "bm25-docs", "budget": 2048, "score": 1}
+    )
+    results = tmp_path / "samples.jsonl"
+    results.write_text("\n".join(json.dumps(line) for line in lines))
+    assert peer.recorded(results, "s/1", "abc", 2048) == {"full": 1.0, "specpc": 0.5, "speckv-pc": 0.25}
+    assert peer.recorded(results, "s/2", "abc", 2048) == {}
+    assert peer.recorded(tmp_path / "missing.jsonl", "s/1", "abc", 2048) == {}
