@@ -4,9 +4,11 @@ accepted, time, and the harness score.
     python benchmarks/verified_lookahead.py --task niah_multikey_3 --length 4096 --indices 0 1 2 \\
         --budget 512
 
-Both runs are greedy. With verification, the target's scoring prefill checks the draft's
+Both runs are greedy unless ``--temperature`` is above 0 (then both sample, each sample's answer
+seeded with its index). With verification, the target's scoring prefill checks the draft's
 lookahead: the agreeing prefix plus the target's next token open the answer, exactly as
-full-cache greedy decoding writes them, and cost no decode step. ``accepted`` is that prefix's
+full-cache greedy decoding writes them (sampled: drawn as full-cache sampling draws them), and
+cost no decode step. ``accepted`` is that prefix's
 length, ``share`` its part of the lookahead; ``same`` says whether the two answers are equal
 (they need not be: the verified opening is the full-cache one, plain SpecKV decodes it on the
 compressed cache).
@@ -34,7 +36,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512, help="SpecKV's cache budget")
     parser.add_argument("--window-size", type=int, default=32)
     parser.add_argument("--lookahead-tokens", type=int, help="default: the task's answer length")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
 
     config = SpecKVConfig(
         max_capacity_prompt=args.budget, window_size=args.window_size, lookahead_tokens=args.lookahead_tokens
@@ -48,8 +53,8 @@ def main() -> None:
     for index in args.indices:
         sample = generate_sample(args.task, args.length, args.seed, index, verified.tokenizer)
         prompt = render_prompt(sample, verified.tokenizer)
-        on = verified.generate(prompt, max_new_tokens=sample.max_new_tokens)
-        off = plain.generate(prompt, max_new_tokens=sample.max_new_tokens)
+        on = verified.generate(prompt, max_new_tokens=sample.max_new_tokens, seed=index, **sampling)
+        off = plain.generate(prompt, max_new_tokens=sample.max_new_tokens, seed=index, **sampling)
         score_on = score_answer(on.text, sample.answers, sample.metric)
         score_off = score_answer(off.text, sample.answers, sample.metric)
         accepted, n = on.stats.lookahead_accepted, on.stats.lookahead_tokens

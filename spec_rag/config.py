@@ -183,10 +183,13 @@ class SpecKVConfig(_KVConfig):
         pool_type / reduction_type: see :class:`SpecPCConfig`.
         lookahead_tokens: ``n``, length of the draft's answer; ``None`` means the request's
             ``max_new_tokens`` (the paper's setting).
-        verify_lookahead: under greedy decoding, open the answer with the lookahead's tokens the
-            target's scoring prefill agrees with, plus the target's next token (exactly what
-            full-cache greedy decoding writes, at no extra forward), keeping their KV entries.
-            Sampled answers accept nothing (the speculative-sampling rule is not implemented).
+        verify_lookahead: open the answer with the lookahead's tokens the target's scoring
+            prefill agrees with, plus the target's next token, keeping their KV entries: under
+            greedy decoding exactly what full-cache greedy decoding writes, at no extra forward;
+            under sampling, tokens drawn as full-cache sampling draws them (the
+            speculative-sampling rule for the draft's fixed lookahead: the target's distribution
+            is unchanged). An answer from :meth:`~spec_rag.SpecEngine.generate_from` accepts
+            them when greedy only (its scoring knows no sampler).
     """
 
     lookahead_tokens: Annotated[int, Field(ge=0)] | None = None

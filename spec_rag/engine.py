@@ -27,6 +27,7 @@ from spec_rag.generation import (
     DecodeResult,
     GenerationStats,
     Prefilled,
+    Sampler,
     SamplingParams,
     TextStream,
     decode_tokens,
@@ -99,9 +100,10 @@ class GenerationStream:
         stats: GenerationStats,
         structure: _Structure | None = None,
         guide: Guide | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.generation: Generation | None = None
-        self._iterator = engine._run(params, self, prefill, stats, structure or _Structure(), guide)
+        self._iterator = engine._run(params, self, prefill, stats, structure or _Structure(), guide, sampler)
 
     def __iter__(self) -> GenerationStream:
         return self
@@ -454,6 +456,8 @@ class SpecEngine:
         prompt = self._with_tools(prompt, structure)
         stats = GenerationStats(method=self.method)
         guide = structure.guide()
+        # A sampled answer's one sampler: it draws the verified lookahead, then the decoding.
+        sampler = None if params.greedy else Sampler(params, self.target.device)
         request = Request(
             prompt,
             params.max_new_tokens,
@@ -461,8 +465,11 @@ class SpecEngine:
             greedy=params.greedy,
             accept=guide.count_accepted if guide is not None else None,
             guide=structure.guide if guide is not None else None,  # fresh guides for the draft
+            sampler=sampler,
         )
-        return GenerationStream(self, params, lambda: self._method.prefill(request), stats, structure, guide)
+        return GenerationStream(
+            self, params, lambda: self._method.prefill(request), stats, structure, guide, sampler
+        )
 
     @staticmethod
     def _with_tools(prompt: Prompt, structure: _Structure) -> Prompt:
@@ -555,6 +562,7 @@ class SpecEngine:
         stats: GenerationStats,
         structure: _Structure,
         guide: Guide | None,
+        sampler: Sampler | None = None,
     ) -> Generator[str, None, None]:
         """validate -> the method's prefill -> decode (under the guide) -> parse tool calls."""
         start = time.perf_counter()
@@ -577,6 +585,7 @@ class SpecEngine:
             result=result,
             accepted=prefilled.accepted,
             guide=guide,
+            sampler=sampler,
         ):
             delta = text.push(token)
             if delta:

@@ -45,10 +45,10 @@ class SamplingParams:
 class GenerationStats:
     """What one request cost. Token counts are per sequence; ``kv_cache_tokens`` is the number of
     prompt entries each KV head keeps while decoding. ``lookahead_accepted`` counts the draft's
-    lookahead tokens the target's own greedy choice (under the answer's grammar, if any) agreed
-    with (SpecKV's verified lookahead): the answer opens with them (and the target's next
-    token), exactly as full-cache greedy decoding would write it, as far as ``max_new_tokens``
-    allows."""
+    lookahead tokens the target's own choice (greedy or drawn by the answer's sampler, under the
+    answer's grammar, if any) agreed with (SpecKV's verified lookahead): the answer opens with
+    them (and the target's next token), as full-cache decoding would write it, as far as
+    ``max_new_tokens`` allows."""
 
     method: str = "full"
     prompt_tokens: int = 0
@@ -391,8 +391,16 @@ def cache_length(cache: DynamicCache) -> int:
     return int(cache.get_seq_length())
 
 
-class _Sampler:
-    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+class Sampler:
+    """How one answer chooses its tokens: greedy, or sampled from its own random generator
+    (seeded by ``params.seed``, else from the system's entropy).
+
+    One answer's tokens are all drawn from one sampler: a verified lookahead's draws (see
+    :func:`~spec_rag.methods.base.verified_length`) and then the decoding's, so a seeded answer
+    is the same on every run. Not shared between answers or threads.
+    """
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -402,7 +410,12 @@ class _Sampler:
             else:
                 self.generator.seed()
 
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy
+
     def __call__(self, logits: torch.Tensor) -> int:
+        """The next token from ``[vocab]`` logits (masked ones: ``-inf``)."""
         p = self.params
         if p.greedy:
             return int(logits.argmax())
@@ -418,6 +431,15 @@ class _Sampler:
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    def state(self) -> torch.Tensor | None:
+        """The generator's state, for :meth:`restore` (``None`` when greedy: nothing is drawn)."""
+        return None if self.generator is None else self.generator.get_state()
+
+    def restore(self, state: torch.Tensor | None) -> None:
+        """Take back the draws since :meth:`state`: the next call draws as that one did."""
+        if self.generator is not None and state is not None:
+            self.generator.set_state(state)
+
 
 def decode_tokens(
     model: Any,
@@ -432,6 +454,7 @@ def decode_tokens(
     feed_last: bool = False,
     accepted: Sequence[int] = (),
     guide: Guide | None = None,
+    sampler: Sampler | None = None,
 ) -> Iterator[int]:
     """Yield up to ``params.max_new_tokens`` token ids; the EOS token ends it and is not yielded.
 
@@ -447,9 +470,12 @@ def decode_tokens(
     ``guide`` (constrained decoding) masks the logits before each choice, advances with every
     token (the ``accepted`` ones too: the caller checked them with ``guide.count_accepted``) and
     ends the answer once its grammar is complete.
+
+    ``sampler`` (a sampled answer's, which may already have drawn its verified lookahead): draws
+    the tokens; ``None``: a new one of ``params``.
     """
     result = result if result is not None else DecodeResult()
-    sampler = _Sampler(params, first_logits.device)
+    sampler = sampler if sampler is not None else Sampler(params, first_logits.device)
     eos = set(eos_token_ids)
     logits = first_logits
     position = next_position

@@ -383,3 +383,92 @@ def test_the_token_the_grammar_completes_on_is_fed_when_asked(target, tokenizer)
         finally:
             handle.remove()
         assert tokens == [40, 41] and result.finish_reason == "stop" and lengths == fed
+
+
+# -- sampled answers: the lookahead verified by the answer's own draws ------------------------
+
+SAMPLING = [
+    pytest.param({"temperature": 1.0}, id="t1"),
+    pytest.param({"temperature": 0.7, "top_k": 40, "top_p": 0.9}, id="t0.7-topk-topp"),
+]
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_a_sampled_answer_opens_with_the_draws_of_full_cache_sampling(sampling, target, tokenizer, text):
+    """Drawn with the answer's sampler, the verification accepts the draft's tokens while the
+    draws equal them; the draw that disagreed is made again by the decoding: the first ``k + 1``
+    tokens are full-cache sampling's with the same seed, token for token."""
+    from spec_rag.generation import Sampler
+    from spec_rag.methods import Request
+
+    method = _method(_kv(), target, target, tokenizer)
+    for seed in (0, 1):
+        full = SpecEngine(target, tokenizer).generate(text, max_new_tokens=N, seed=seed, **sampling)
+        assert len(full.token_ids) == N
+        for k in (0, 3, N - 1, N):
+            lookahead = list(full.token_ids)
+            if k < N:
+                lookahead[k] = (lookahead[k] + 1) % len(tokenizer)  # a token the draws will not make
+            params = SamplingParams(max_new_tokens=N, seed=seed, **sampling)
+            sampler = Sampler(params)
+            request = Request(text, N, lookahead=lookahead, sampler=sampler)
+            scored = method.score(request)
+            assert scored.accepted == k and scored.sampled
+            # a greedy answer from these scores accepts none of it: its draws were the sampler's
+            assert method.select(scored, 24, request.stats, greedy=True).accepted == []
+            prefilled = method.select(scored, 24, request.stats)
+            assert prefilled.accepted == lookahead[:k] and request.stats.lookahead_accepted == k
+            answer = list(
+                decode_tokens(
+                    target,
+                    prefilled.cache,
+                    prefilled.logits,
+                    next_position=prefilled.next_position,
+                    params=params,
+                    eos_token_ids=[tokenizer.eos_token_id],
+                    accepted=prefilled.accepted,
+                    sampler=sampler,
+                )
+            )
+            assert answer[: k + 1] == full.token_ids[: k + 1]
+            assert len(answer) == N
+
+
+def test_the_engine_verifies_a_sampled_answer_with_its_own_seed(target, tokenizer, text):
+    """End to end (the target as its own draft): a sampled SpecKV answer opens with full-cache
+    sampling's tokens for the same seed, as far as the draws accepted the greedy lookahead plus
+    one; seeded answers repeat, streamed or not. ``top_k=1`` samples the greedy answer, all of
+    which the draws accept."""
+    full = SpecEngine(target, tokenizer)
+    engine = SpecEngine(target, tokenizer, target, config=_kv())
+    accepted = []
+    for seed in range(4):
+        expected = full.generate(text, max_new_tokens=N, temperature=0.3, seed=seed)
+        answer = engine.generate(text, max_new_tokens=N, temperature=0.3, seed=seed)
+        k = answer.stats.lookahead_accepted
+        accepted.append(k)
+        assert answer.token_ids[: k + 1] == expected.token_ids[: k + 1]
+        again = engine.generate(text, max_new_tokens=N, temperature=0.3, seed=seed)
+        assert again.token_ids == answer.token_ids
+        assert "".join(engine.stream(text, max_new_tokens=N, temperature=0.3, seed=seed)) == answer.text
+    assert max(accepted) > 0  # some draws agreed with the draft
+    greedy = full.generate(text, max_new_tokens=N)
+    one = engine.generate(text, max_new_tokens=N, temperature=1.0, top_k=1, seed=0)
+    assert one.stats.lookahead_accepted == N and one.token_ids == greedy.token_ids
+
+
+def test_a_sampled_answer_under_a_schema_is_verified_under_it(target, tokenizer, text):
+    """Under a JSON schema the draws are made from the grammar's masked logits, as constrained
+    sampling makes them: the self-drafted constrained lookahead opens the answer, which is
+    full-cache constrained sampling's (same seed) as far as the draws accepted it, plus one."""
+    n = LOOKAHEAD + 1
+    full = SpecEngine(target, tokenizer)
+    engine = SpecEngine(target, tokenizer, target, config=_CONFIGS["speckv"])
+    one = engine.generate(text, response_format=SCHEMA, max_new_tokens=n, temperature=1.0, top_k=1, seed=0)
+    assert one.stats.lookahead_accepted == LOOKAHEAD
+    assert one.token_ids == full.generate(text, response_format=SCHEMA, max_new_tokens=n).token_ids
+    for seed in range(3):
+        expected = full.generate(text, response_format=SCHEMA, max_new_tokens=n, temperature=0.5, seed=seed)
+        answer = engine.generate(text, response_format=SCHEMA, max_new_tokens=n, temperature=0.5, seed=seed)
+        k = answer.stats.lookahead_accepted
+        assert answer.token_ids[: k + 1] == expected.token_ids[: k + 1]

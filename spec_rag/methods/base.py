@@ -37,6 +37,8 @@ from spec_rag.constrained import Guide
 from spec_rag.generation import (
     GenerationStats,
     Prefilled,
+    Sampler,
+    SamplingParams,
     cache_view,
     forward,
     keep_layer_positions,
@@ -108,6 +110,10 @@ class Request:
         lookahead: target token ids of a lookahead already written (by SpecKV-PC's draft pass,
             or by a caller that ran the draft itself); ``None`` lets the method write its own.
         greedy: the answer is decoded greedily, so a verified lookahead may open it.
+        sampler: a sampled answer's own sampler (its random generator), which the decoding goes
+            on drawing from: the verified lookahead is drawn from it too (see
+            :func:`verified_length`), so a sampled answer may open with it as well. ``None``:
+            greedy, or a sampled answer whose tokens the scoring does not draw.
         accept: under constrained decoding, how many of the verified lookahead's first tokens
             the grammar allows in a row (``None``: all of them).
         guide: under constrained decoding, the answer's structure (see :data:`GuideFactory`):
@@ -123,6 +129,7 @@ class Request:
     greedy: bool = False
     accept: AcceptLimit | None = None
     guide: GuideFactory | None = None
+    sampler: Sampler | None = None
 
 
 def lookahead_guide(models: Models, request: Request) -> Guide | None:
@@ -169,7 +176,11 @@ class ScoredCache(ScoredPrompt):
             head when ``cut``); selecting never changes it.
         logits: ``[vocab]`` after the last prompt token.
         accepted: ``k``, the lookahead's first tokens the target's own greedy choice agreed with
-            (0 unless the method verifies its lookahead).
+            (0 unless the method verifies its lookahead); with ``sampled``, the first tokens the
+            target's own draws agreed with.
+        sampled: ``accepted`` was drawn by a sampled answer's sampler (``Request.sampler``), so
+            it opens that answer only (decoded on with the same sampler); greedy answers from
+            this scoring accept nothing.
         verified_logits: ``[vocab]`` after prompt + those ``k`` tokens (``logits`` when ``k`` is 0).
         head_scores: layer -> ``[kv_heads, L]`` window (and lookahead) attention; ``None`` when
             the method scores nothing (full, StreamingLLM), the budget held the prompt whole, or
@@ -186,6 +197,7 @@ class ScoredCache(ScoredPrompt):
     cache: Any = None
     logits: torch.Tensor | None = None
     accepted: int = 0
+    sampled: bool = False
     verified_logits: torch.Tensor | None = None
     head_scores: dict[int, torch.Tensor] | None = None
     window: int = 0
@@ -320,9 +332,10 @@ class CacheMethod(Method):
             prefill_chunk_size=self.models.prefill_chunk_size,
         )  # [n + 1, vocab]
         accepted = 0
+        sampler = request.sampler if request.sampler is not None and not request.sampler.greedy else None
         if getattr(self.config, "verify_lookahead", False):
             guide = request.guide() if request.guide is not None else None  # fresh: used up here
-            accepted = verified_length(rows, lookahead, guide)
+            accepted = verified_length(rows, lookahead, guide, sampler=sampler)
         logits = rows[0].clone()  # a copy, not a view: the other rows are freed
         verified_logits = rows[accepted].clone() if accepted else logits
         del rows
@@ -337,6 +350,7 @@ class CacheMethod(Method):
             cache=cache,
             logits=logits,
             accepted=accepted,
+            sampled=sampler is not None,
             verified_logits=verified_logits,
             head_scores=head_scores,
             window=self.window(length),
@@ -412,8 +426,9 @@ class CacheMethod(Method):
         greedy: bool = False,
         accept: AcceptLimit | None = None,
     ) -> Prefilled:
-        """Keep the positions :meth:`positions` picks; under greedy decoding also the verified
-        lookahead's entries (at their true positions ``L .. L + k - 1``), which open the answer.
+        """Keep the positions :meth:`positions` picks; for an answer the verified lookahead opens
+        (a greedy one, or the sampled one that drew it: :attr:`ScoredCache.sampled`) also its
+        entries (at their true positions ``L .. L + k - 1``).
 
         ``accept`` (a grammar) may allow only the first ``j < k`` verified tokens: the target's
         constrained choice after them is not the draft's, so only their entries are kept and the
@@ -421,7 +436,8 @@ class CacheMethod(Method):
         assert isinstance(scored, ScoredCache) and scored.logits is not None
         t0 = time.perf_counter()
         length = scored.length
-        verified = scored.accepted if greedy else 0
+        # A greedy verification opens greedy answers; a drawn one the sampled answer it was drawn for.
+        verified = scored.accepted if greedy != scored.sampled else 0
         allowed = verified if accept is None or not verified else accept(scored.lookahead[:verified])
         allowed = min(allowed, verified)
         refeed = 0 < allowed < verified  # the logits after the allowed prefix were not kept
@@ -465,31 +481,52 @@ class CacheMethod(Method):
         )
 
 
-def verified_length(logits: torch.Tensor, lookahead: Sequence[int], guide: Guide | None = None) -> int:
-    """``k``: how many of the lookahead's first tokens the target's greedy choice agrees with.
+def verified_length(
+    logits: torch.Tensor,
+    lookahead: Sequence[int],
+    guide: Guide | None = None,
+    *,
+    sampler: Sampler | None = None,
+) -> int:
+    """``k``: how many of the lookahead's first tokens the target's own choice agrees with.
 
     ``logits`` is ``[n + 1, vocab]``, the target's logits after the prompt and each lookahead
     prefix (full cache). Greedy decoding with the full cache would write ``y_0 .. y_{k-1}`` and
     then ``argmax(logits[k])``: those ``k + 1`` tokens need no decode step of their own.
-    Under sampling, nothing is accepted (the speculative-sampling rule is not implemented).
+
+    ``sampler`` (a sampled answer's): the target's choice at each position is drawn from it, as
+    sampled decoding with the full cache would draw it, and the draft's token is accepted while
+    the draw equals it. For a draft's fixed lookahead this is the speculative-sampling rule
+    (``y_j`` kept with probability ``p(y_j)``, and otherwise a token from ``p`` without ``y_j``),
+    so the answer has the target's own distribution. The draw that disagreed is taken back
+    (:meth:`~spec_rag.generation.Sampler.restore`): the decoding draws it again from
+    ``logits[k]`` with the same sampler, so a seeded answer's first ``k + 1`` tokens are those
+    of full-cache sampling with that seed.
 
     ``guide`` (a fresh one of the answer's grammar, used up here): the choice compared is the
-    constrained one, ``argmax`` of each row masked by the grammar after ``y_<i``, as constrained
-    greedy decoding writes it; the count stops where the grammar is complete.
+    constrained one, made from each row masked by the grammar after ``y_<i``, as constrained
+    decoding makes it; the count stops where the grammar is complete.
     """
     if not lookahead:
         return 0
-    if guide is not None:
-        agreed = 0
-        for row, token in zip(logits, lookahead, strict=False):  # row: [vocab]
-            masked = guide.mask_logits(row)
-            if int(masked.argmax()) != int(token) or not bool(torch.isfinite(masked[int(token)])):
-                break
-            agreed += 1
+    if guide is None and (sampler is None or sampler.greedy):
+        choice = logits[: len(lookahead)].argmax(dim=-1).cpu()  # [n]
+        agree = choice == torch.tensor(lookahead, dtype=choice.dtype)  # [n]
+        return int(agree.long().cumprod(dim=0).sum())
+    choose = sampler if sampler is not None else Sampler(SamplingParams())  # greedy: argmax
+    agreed = 0
+    for row, token in zip(logits, lookahead, strict=False):  # row: [vocab]
+        if guide is not None:
+            row = guide.mask_logits(row)
+            if not bool(torch.isfinite(row[int(token)])):
+                break  # the grammar forbids the draft's token: nothing to draw
+        state = choose.state()
+        if choose(row) != int(token):
+            choose.restore(state)  # the decoding draws this position again, the same way
+            break
+        agreed += 1
+        if guide is not None:
             guide.advance(int(token))
             if guide.is_finished:
                 break
-        return agreed
-    choice = logits[: len(lookahead)].argmax(dim=-1).cpu()  # [n]
-    agree = choice == torch.tensor(lookahead, dtype=choice.dtype)  # [n]
-    return int(agree.long().cumprod(dim=0).sum())
+    return agreed
