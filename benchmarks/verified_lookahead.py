@@ -11,7 +11,8 @@ full-cache greedy decoding writes them (sampled: drawn as full-cache sampling dr
 cost no decode step. ``accepted`` is that prefix's
 length, ``share`` its part of the lookahead; ``same`` says whether the two answers are equal
 (they need not be: the verified opening is the full-cache one, plain SpecKV decodes it on the
-compressed cache).
+compressed cache). ``--full`` also answers each prompt with full context (the same target, the
+same sampling and seed, in the same process), for each method's time as a ratio of full's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--lookahead-tokens", type=int, help="default: the task's answer length")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--full", action="store_true", help="also time full context on each prompt")
     args = parser.parse_args()
     sampling = {"temperature": args.temperature, "top_p": args.top_p}
 
@@ -46,10 +48,13 @@ def main() -> None:
     )
     verified = SpecEngine.from_pretrained(args.target, args.draft, config, dtype=args.dtype)
     plain = verified.with_config(config.model_copy(update={"verify_lookahead": False}))
+    full = SpecEngine(verified.target, verified.tokenizer) if args.full else None
     first = generate_sample(args.task, args.length, args.seed, args.indices[0], verified.tokenizer)
-    for engine in (verified, plain):  # warm-up: the first call in a process pays one-time costs
+    engines = (verified, plain) if full is None else (verified, plain, full)
+    for engine in engines:  # warm-up: the first call in a process pays one-time costs
         engine.generate(render_prompt(first, verified.tokenizer), max_new_tokens=2)
-    totals = {"accepted": 0, "lookahead": 0, "verified_s": 0.0, "plain_s": 0.0, "verified": 0.0, "plain": 0.0}
+    totals = dict.fromkeys(["verified_s", "plain_s", "full_s", "verified", "plain", "full"], 0.0)
+    totals.update(accepted=0, lookahead=0)
     for index in args.indices:
         sample = generate_sample(args.task, args.length, args.seed, index, verified.tokenizer)
         prompt = render_prompt(sample, verified.tokenizer)
@@ -64,12 +69,18 @@ def main() -> None:
         totals["plain_s"] += off.stats.total_s
         totals["verified"] += score_on
         totals["plain"] += score_off
-        print(
+        line = (
             f"{sample.id}  prompt {on.stats.prompt_tokens}  accepted {accepted}/{n} "
             f"({accepted / max(n, 1):.0%})  verified {on.stats.total_s:.2f} s score {score_on:.2f}  "
-            f"plain {off.stats.total_s:.2f} s score {score_off:.2f}  same {on.token_ids == off.token_ids}",
-            flush=True,
+            f"plain {off.stats.total_s:.2f} s score {score_off:.2f}  same {on.token_ids == off.token_ids}"
         )
+        if full is not None:
+            whole = full.generate(prompt, max_new_tokens=sample.max_new_tokens, seed=index, **sampling)
+            score_full = score_answer(whole.text, sample.answers, sample.metric)
+            totals["full_s"] += whole.stats.total_s
+            totals["full"] += score_full
+            line += f"  full {whole.stats.total_s:.2f} s score {score_full:.2f}"
+        print(line, flush=True)
     count = len(args.indices)
     share = totals["accepted"] / max(int(totals["lookahead"]), 1)
     print(
@@ -78,6 +89,12 @@ def main() -> None:
         f"({totals['verified_s'] / max(totals['plain_s'], 1e-9):.2f}x); mean score verified "
         f"{totals['verified'] / count:.3f} vs plain {totals['plain'] / count:.3f}"
     )
+    if full is not None:
+        base = max(totals["full_s"], 1e-9)
+        print(
+            f"full context {totals['full_s']:.2f} s, mean score {totals['full'] / count:.3f}; verified "
+            f"{totals['verified_s'] / base:.2f}x full, plain {totals['plain_s'] / base:.2f}x full"
+        )
 
 
 if __name__ == "__main__":

@@ -112,6 +112,13 @@ def test_verified_lookahead_prints_each_samples_accepted_share(draft_dir, monkey
     accepted, n = map(int, re.search(r"accepted (\d+)/(\d+)", line).groups())  # type: ignore[union-attr]
     assert accepted == n > 0 and "(100%)" in line
     assert re.search(rf"accepted {n} of {n} lookahead tokens \(100%\)", out)
+    # sampled: at a high temperature the target's draws (nearly uniform) seldom make the greedy
+    # lookahead's tokens; --full adds full context's time on the same prompt
+    out = _run("verified_lookahead", [*args, "--temperature", "5", "--full"], monkeypatch, capsys)
+    line = next(line for line in out.splitlines() if line.startswith("niah_single_1/"))
+    accepted, n = map(int, re.search(r"accepted (\d+)/(\d+)", line).groups())  # type: ignore[union-attr]
+    assert accepted < n and re.search(r"full \d+\.\d+ s score", line)
+    assert re.search(r"verified \d+\.\d+x full, plain \d+\.\d+x full", out)
 
 
 def test_cuda_speed_times_every_method_and_past_the_window_only_the_prompt_methods(
