@@ -434,13 +434,18 @@ def test_a_sampled_answer_opens_with_the_draws_of_full_cache_sampling(sampling, 
             assert len(answer) == N
 
 
-def test_the_engine_verifies_a_sampled_answer_with_its_own_seed(target, tokenizer, text):
-    """End to end (the target as its own draft): a sampled SpecKV answer opens with full-cache
-    sampling's tokens for the same seed, as far as the draws accepted the greedy lookahead plus
-    one; seeded answers repeat, streamed or not. ``top_k=1`` samples the greedy answer, all of
-    which the draws accept."""
+@pytest.mark.parametrize("cascade", [False, True], ids=["speckv", "speckv-pc"])
+def test_the_engine_verifies_a_sampled_answer_with_its_own_seed(cascade, target, tokenizer, text):
+    """End to end (the target as its own draft): a sampled SpecKV (or SpecKV-PC) answer opens
+    with full-cache sampling's tokens for the same seed, as far as the draws accepted the greedy
+    lookahead plus one; seeded answers repeat, streamed or not. ``top_k=1`` samples the greedy
+    answer, all of which the draws accept."""
     full = SpecEngine(target, tokenizer)
-    engine = SpecEngine(target, tokenizer, target, config=_kv())
+    config = _kv()
+    if cascade:  # SpecPC's pass writes the lookahead (its budget holds the prompt: the target reads all)
+        pc = SpecPCConfig(max_capacity_prompt=1024, window_size=16, kernel_size=8, neighbor_tokens=8)
+        config = SpecKVPCConfig(specpc=pc, speckv=_kv())
+    engine = SpecEngine(target, tokenizer, target, config=config)
     accepted = []
     for seed in range(4):
         expected = full.generate(text, max_new_tokens=N, temperature=0.3, seed=seed)
