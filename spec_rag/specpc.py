@@ -278,6 +278,7 @@ class SpecPC:
         n = cfg.lookahead_tokens if lookahead_tokens is None else lookahead_tokens
         total = n if generate_tokens is None else max(generate_tokens, n)
         limit = self.chunk_limit()
+        # chunk_slices also refuses, before any draft work, a lookahead that leaves no room
         if limit is None or not self.chunk_slices(length, total):
             return []
         return self._slices(length, min(n, cfg.lookahead_tokens), limit)
