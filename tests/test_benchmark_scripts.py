@@ -3,6 +3,7 @@ tiny saved model: what they print must match what the draft and the harness actu
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -207,3 +208,74 @@ def test_peer_longllmlingua_gives_it_every_context_and_compares_only_the_same_pr
     assert peer.recorded(results, "s/1", "abc", 2048) == {"full": 1.0, "specpc": 0.5, "speckv-pc": 0.25}
     assert peer.recorded(results, "s/2", "abc", 2048) == {}
     assert peer.recorded(tmp_path / "missing.jsonl", "s/1", "abc", 2048) == {}
+
+
+def test_peer_kvpress_feeds_the_engines_tokens_and_scores_as_the_harness(
+    draft_dir, monkeypatch, tmp_path, capsys
+):
+    """The steps of the kvpress comparison that run in spec-rag's venv: the prompts it writes are
+    the engine's tokens, split where the question starts, with the harness's scores of that very
+    prompt; the report scores kvpress's answers as the harness does."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(draft_dir)
+    needle = generate_sample("niah_single_1", LENGTH, 0, 0, tokenizer)
+    rag = generate_sample("rag_qa", LENGTH, 0, 0, tokenizer)
+    sha = hashlib.sha256(render_prompt(needle, tokenizer).encode("utf-8")).hexdigest()
+    rows = [
+        {"sample_id": needle.id, "prompt_sha256": sha, "method": "full", "budget": None, "score": 1.0},
+        {"sample_id": needle.id, "prompt_sha256": sha, "method": "speckv", "budget": 512, "score": 0.5},
+        {"sample_id": needle.id, "prompt_sha256": sha, "method": "bm25-docs", "budget": 512, "score": 0.0},
+        {
+            "sample_id": rag.id,
+            "prompt_sha256": "another prompt",
+            "method": "full",
+            "budget": None,
+            "score": 1.0,
+        },
+    ]
+    results, prompts = tmp_path / "samples.jsonl", tmp_path / "prompts.jsonl"
+    results.write_text("\n".join(json.dumps(row) for row in rows))
+    argv = [
+        "prepare",
+        "--tasks",
+        "niah_single_1",
+        "rag_qa",
+        "--length",
+        str(LENGTH),
+        "--tokenizer",
+        str(draft_dir),
+    ]
+    _run("peer_kvpress", [*argv, "--results", str(results), "--out", str(prompts)], monkeypatch, capsys)
+    written = {row["id"]: row for row in map(json.loads, prompts.read_text().splitlines())}
+    assert written[needle.id]["recorded"] == {"full": 1.0, "speckv@512": 0.5}  # not bm25, not another prompt
+    assert written[rag.id]["recorded"] == {}
+    for sample in (needle, rag):
+        row = written[sample.id]
+        ids, split = row["input_ids"], row["question_start"]
+        assert ids == encode_tokens(tokenizer, render_prompt(sample, tokenizer)).ids.tolist()
+        assert tokenizer.decode(ids[split:]).startswith(
+            sample.question
+        )  # the question and the template's tail
+        assert row["expected"] == list(sample.answers) and row["max_new_tokens"] == sample.max_new_tokens
+
+    answers = tmp_path / "answers.jsonl"
+    right = {
+        "id": needle.id,
+        "press": "snapkv:prompt",
+        "budget": 512,
+        "answer": " ".join(needle.answers),
+        "s": 1,
+    }
+    wrong = {"id": rag.id, "press": "snapkv:prompt", "budget": 512, "answer": "no idea", "s": 1}
+    answers.write_text(json.dumps(right) + "\n" + json.dumps(wrong) + "\n")
+    out = _run(
+        "peer_kvpress", ["report", "--prompts", str(prompts), "--answers", str(answers)], monkeypatch, capsys
+    )
+    table = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert table["sample"] == "| sample | full | kvpress snapkv:prompt@512 | speckv@512 |"
+    assert table[needle.id] == f"| {needle.id} | 1.00 | 1.00 | 0.50 |"
+    assert table[rag.id] == f"| {rag.id} | - | 0.00 | - |"
+    assert (
+        table["**mean**"] == "| **mean** | **100.0** | **100.0** | **50.0** |"
+    )  # the samples every column holds
