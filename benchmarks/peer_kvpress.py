@@ -12,7 +12,8 @@ and this script has three steps; only ``run`` imports kvpress, and it imports no
     /tmp/kvenv/bin/pip install --no-deps kvpress==0.5.5
     /tmp/kvenv/bin/python benchmarks/peer_kvpress.py run --prompts /tmp/kvpress-prompts.jsonl \
         --model ~/.cache/spec-rag/models/qwen2.5-coder-1.5b-instruct --dtype float32 --budget 512 \
-        --presses expected_attention:question snapkv:question snapkv:prompt --out /tmp/kvpress-answers.jsonl
+        --presses snapkv:prompt expected_attention:question expected_attention:prompt \
+        --out /tmp/kvpress-answers.jsonl
     # 3. spec-rag's venv: score the answers as the harness does, beside its recorded scores
     python benchmarks/peer_kvpress.py report --prompts /tmp/kvpress-prompts.jsonl \
         --answers /tmp/kvpress-answers.jsonl
@@ -40,18 +41,13 @@ RECORDED = ("full", "speckv", "snapkv", "streamingllm", "speckv-pc", "specpc")
 def prepare(args: argparse.Namespace) -> None:
     import hashlib
 
+    from peer_longllmlingua import model_dir
     from transformers import AutoTokenizer
 
     from spec_rag.bench import encode_tokens, generate_sample, render_prompt
     from spec_rag.models import DEFAULT_TARGET
-    from spec_rag.models.loading import resolve_model_source
-    from spec_rag.models.packs import fetch_pack
 
-    folder = args.tokenizer
-    if folder is None:  # the default target's
-        source = resolve_model_source(DEFAULT_TARGET)
-        folder = fetch_pack(source.location, progress=False) if source.kind == "pack" else source.location
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir(DEFAULT_TARGET))
     recorded = _recorded(args.results)
     with args.out.open("w") as f:
         for task in args.tasks:
