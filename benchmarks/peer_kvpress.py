@@ -136,7 +136,9 @@ def run(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     from spec_rag.bench.tasks import score_answer
 
-    prompts = {row["id"]: row for row in map(json.loads, args.prompts.read_text().splitlines())}
+    prompts = {
+        row["id"]: row for path in args.prompts for row in map(json.loads, path.read_text().splitlines())
+    }
     scores: dict[str, dict[str, float]] = {}
     for line in args.answers.read_text().splitlines():
         row = json.loads(line)
@@ -146,6 +148,12 @@ def report(args: argparse.Namespace) -> None:
             row["answer"], prompt["expected"], prompt["metric"]
         )
     columns = sorted({name for row in scores.values() for name in row})
+    if args.columns:
+        missing = [c for c in args.columns if c not in columns]
+        if missing:
+            raise SystemExit(f"no such column: {', '.join(missing)}; the columns are: {', '.join(columns)}")
+        columns = args.columns
+        scores = {sample: row for sample, row in scores.items() if any(c in row for c in columns)}
     print("| sample | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for sample, row in sorted(scores.items()):
@@ -178,8 +186,15 @@ def main() -> None:
     r.add_argument("--presses", nargs="+", default=["expected_attention:question", "snapkv:prompt"])
     r.add_argument("--out", type=Path, required=True, help="append one JSON line per answer here")
     s = sub.add_parser("report", help="spec-rag's venv: score the answers beside the recorded ones")
-    s.add_argument("--prompts", type=Path, required=True)
+    s.add_argument("--prompts", type=Path, nargs="+", required=True, help="one or more files `prepare` wrote")
     s.add_argument("--answers", type=Path, required=True)
+    s.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        help="show only these columns, e.g. full speckv@512 'kvpress snapkv:prompt@512' (default: all);"
+        " the means are over the samples every shown column holds",
+    )
     args = parser.parse_args()
     if args.step == "prepare" and args.tasks is None:
         from spec_rag.bench import TASKS

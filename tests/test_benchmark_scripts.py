@@ -279,3 +279,22 @@ def test_peer_kvpress_feeds_the_engines_tokens_and_scores_as_the_harness(
     assert (
         table["**mean**"] == "| **mean** | **100.0** | **100.0** | **50.0** |"
     )  # the samples every column holds
+
+    chosen = ["kvpress snapkv:prompt@512", "speckv@512"]
+    out = _run(
+        "peer_kvpress",
+        ["report", "--prompts", str(prompts), "--answers", str(answers), "--columns", *chosen],
+        monkeypatch,
+        capsys,
+    )
+    table = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert table["sample"] == "| sample | kvpress snapkv:prompt@512 | speckv@512 |"
+    assert table[rag.id] == f"| {rag.id} | 0.00 | - |"  # holds one of the columns
+    assert table["**mean**"] == "| **mean** | **100.0** | **50.0** |"
+    with pytest.raises(SystemExit, match="no such column: speckv@1024"):
+        _run(
+            "peer_kvpress",
+            ["report", "--prompts", str(prompts), "--answers", str(answers), "--columns", "speckv@1024"],
+            monkeypatch,
+            capsys,
+        )
