@@ -17,6 +17,7 @@ and this script has three steps; only ``run`` imports kvpress, and it imports no
     # 3. spec-rag's venv: score the answers as the harness does, beside its recorded scores
     python benchmarks/peer_kvpress.py report --prompts /tmp/kvpress-prompts.jsonl \
         --answers /tmp/kvpress-answers.jsonl
+    # several prompt files (other --indices) go in one report; --columns picks the rows to compare
 
 ``run`` calls kvpress's own pipeline code (``KVPressTextGenerationPipeline._forward``: prefill
 under the press, then greedy decoding) on the very tokens spec-rag's engine is fed. A press

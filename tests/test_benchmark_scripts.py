@@ -269,10 +269,14 @@ def test_peer_kvpress_feeds_the_engines_tokens_and_scores_as_the_harness(
     }
     wrong = {"id": rag.id, "press": "snapkv:prompt", "budget": 512, "answer": "no idea", "s": 1}
     answers.write_text(json.dumps(right) + "\n" + json.dumps(wrong) + "\n")
-    out = _run(
-        "peer_kvpress", ["report", "--prompts", str(prompts), "--answers", str(answers)], monkeypatch, capsys
-    )
-    table = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+
+    def report(*extra: str) -> dict[str, str]:
+        """The report's table rows by their first cell."""
+        argv = ["report", "--prompts", str(prompts), "--answers", str(answers), *extra]
+        out = _run("peer_kvpress", argv, monkeypatch, capsys)
+        return {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+
+    table = report()
     assert table["sample"] == "| sample | full | kvpress snapkv:prompt@512 | speckv@512 |"
     assert table[needle.id] == f"| {needle.id} | 1.00 | 1.00 | 0.50 |"
     assert table[rag.id] == f"| {rag.id} | - | 0.00 | - |"
@@ -280,21 +284,9 @@ def test_peer_kvpress_feeds_the_engines_tokens_and_scores_as_the_harness(
         table["**mean**"] == "| **mean** | **100.0** | **100.0** | **50.0** |"
     )  # the samples every column holds
 
-    chosen = ["kvpress snapkv:prompt@512", "speckv@512"]
-    out = _run(
-        "peer_kvpress",
-        ["report", "--prompts", str(prompts), "--answers", str(answers), "--columns", *chosen],
-        monkeypatch,
-        capsys,
-    )
-    table = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    table = report("--columns", "kvpress snapkv:prompt@512", "speckv@512")
     assert table["sample"] == "| sample | kvpress snapkv:prompt@512 | speckv@512 |"
     assert table[rag.id] == f"| {rag.id} | 0.00 | - |"  # holds one of the columns
     assert table["**mean**"] == "| **mean** | **100.0** | **50.0** |"
     with pytest.raises(SystemExit, match="no such column: speckv@1024"):
-        _run(
-            "peer_kvpress",
-            ["report", "--prompts", str(prompts), "--answers", str(answers), "--columns", "speckv@1024"],
-            monkeypatch,
-            capsys,
-        )
+        report("--columns", "speckv@1024")
